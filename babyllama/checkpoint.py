@@ -1,0 +1,297 @@
+"""The llama2.c checkpoint formats: the one place that knows header layouts and tensor order.
+
+Reading maps the file and returns read-only NumPy views into it (no copy: resident memory
+stays near the part of the file actually touched). Every header value and the exact file size
+are checked before a single weight is touched, and every problem raises CheckpointError with
+what was expected and what was found. Writing goes to a temporary file that is renamed into
+place, so a crash never leaves a half-written checkpoint behind.
+
+Formats (all little-endian; see DESIGN.md for the byte-level description):
+  v0  legacy run.c format: 7 x int32 header, fp32 weights in run.c's order, RoPE tables.
+  v1  256-byte "ak42" header, fp32 weights grouped norms-first.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+
+MAGIC = 0x616B3432  # "ak42" read as a little-endian uint32
+V0_HEADER = struct.Struct("<7i")
+V1_HEADER = struct.Struct("<Ii7iB")  # magic, version, 7 ints, shared flag
+HEADER_SIZE = 256  # v1+ headers are zero-padded to 256 bytes
+
+# Tensor order inside the files. The names are the same in the torch model, exporter and engine.
+V0_ORDER = ("token_embedding", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final")
+V1_ORDER = ("rms_att", "rms_ffn", "rms_final", "token_embedding", "wq", "wk", "wv", "wo", "w1", "w2", "w3")
+LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every weight tensor; matrices are (out_features, in_features) like nn.Linear."""
+    d, h, L, kv, v = cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.kv_dim, cfg.vocab_size
+    return {
+        "token_embedding": (v, d),
+        "rms_att": (L, d),
+        "wq": (L, d, d),
+        "wk": (L, kv, d),
+        "wv": (L, kv, d),
+        "wo": (L, d, d),
+        "rms_ffn": (L, d),
+        "w1": (L, h, d),
+        "w2": (L, d, h),
+        "w3": (L, h, d),
+        "rms_final": (d,),
+        "wcls": (v, d),
+    }
+
+
+@dataclass(frozen=True)
+class Weights:
+    """fp32 weights of a model. Arrays may be read-only views of a mapped file.
+
+    wcls is the same array as token_embedding when the classifier is shared.
+    """
+
+    token_embedding: np.ndarray  # (vocab, dim)
+    rms_att: np.ndarray  # (L, dim)
+    wq: np.ndarray  # (L, dim, dim)
+    wk: np.ndarray  # (L, kv_dim, dim)
+    wv: np.ndarray  # (L, kv_dim, dim)
+    wo: np.ndarray  # (L, dim, dim)
+    rms_ffn: np.ndarray  # (L, dim)
+    w1: np.ndarray  # (L, hidden, dim)
+    w2: np.ndarray  # (L, dim, hidden)
+    w3: np.ndarray  # (L, hidden, dim)
+    rms_final: np.ndarray  # (dim,)
+    wcls: np.ndarray  # (vocab, dim)
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        for f in fields(self):
+            yield f.name, getattr(self, f.name)
+
+    @classmethod
+    def from_dict(cls, cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> "Weights":
+        """Build from a name -> array mapping, checking every shape against the config."""
+        tensors = dict(tensors)
+        if cfg.shared_classifier:
+            tensors.setdefault("wcls", tensors.get("token_embedding"))
+        shapes = tensor_shapes(cfg)
+        missing = [n for n in shapes if tensors.get(n) is None]
+        if missing:
+            raise CheckpointError(f"missing tensors: {', '.join(missing)}")
+        out = {}
+        for name, shape in shapes.items():
+            arr = np.asarray(tensors[name])
+            if arr.shape != shape:
+                raise CheckpointError(f"tensor {name}: expected shape {shape}, found {arr.shape}")
+            out[name] = arr if arr.dtype == np.float32 else arr.astype(np.float32)
+        return cls(**out)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded model file: its format version, its config, and its weights."""
+
+    path: Path
+    version: int
+    config: ModelConfig
+    weights: object  # Weights for v0/v1; the quantized formats carry their own weight classes
+    group_size: int = 0  # quantized formats only
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _map(path: Path) -> np.ndarray:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such model file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read model file ({e.strerror})") from None
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a llama2.c .bin model file")
+    if size < V0_HEADER.size:
+        raise CheckpointError(f"{path}: {size} bytes is too small for a llama2.c checkpoint header")
+    try:
+        return np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot map model file ({e})") from None
+
+
+def _config(path: Path, dim, hidden, layers, heads, kv_heads, vocab, seq_len, shared) -> ModelConfig:
+    try:
+        return ModelConfig(dim, hidden, layers, heads, kv_heads, vocab, seq_len, shared_classifier=shared)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: invalid header ({e})") from None
+
+
+def _check_size(path: Path, version: int, expected: int, found: int) -> None:
+    if expected != found:
+        what = "truncated" if found < expected else "has trailing bytes"
+        raise CheckpointError(
+            f"{path}: file {what}: the v{version} header implies {expected} bytes, found {found}"
+        )
+
+
+class _Reader:
+    """Hands out consecutive fp32 views of a mapped file."""
+
+    def __init__(self, buf: np.ndarray, offset: int):
+        self.buf, self.offset = buf, offset
+
+    def take(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        arr = self.buf[self.offset : self.offset + n].view(dtype).reshape(shape)
+        self.offset += n
+        return arr
+
+
+def _fp32_size(cfg: ModelConfig, order: tuple[str, ...], extra_floats: int = 0) -> int:
+    shapes = tensor_shapes(cfg)
+    n = sum(int(np.prod(shapes[name])) for name in order) + extra_floats
+    if not cfg.shared_classifier:
+        n += int(np.prod(shapes["wcls"]))
+    return 4 * n
+
+
+def _read_fp32(path: Path, buf: np.ndarray, cfg: ModelConfig, order, offset: int, skip_after: dict) -> Weights:
+    shapes = tensor_shapes(cfg)
+    r = _Reader(buf, offset)
+    tensors = {}
+    for name in order:
+        tensors[name] = r.take(shapes[name])
+        r.offset += 4 * skip_after.get(name, 0)
+    tensors["wcls"] = tensors["token_embedding"] if cfg.shared_classifier else r.take(shapes["wcls"])
+    return Weights(**{name: tensors[name] for name in shapes})
+
+
+def _rope_floats(cfg: ModelConfig) -> int:
+    # v0 files carry two unused RoPE tables (cos and sin), each (seq_len, head_size / 2).
+    return cfg.seq_len * cfg.head_size
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Map a llama2.c checkpoint of any supported version and validate it."""
+    path = Path(path)
+    buf = _map(path)
+    size = buf.size
+    (magic,) = struct.unpack_from("<I", buf, 0)
+    if magic != MAGIC:
+        return _load_v0(path, buf, size)
+    if size < HEADER_SIZE:
+        raise CheckpointError(f"{path}: file truncated: a versioned header needs {HEADER_SIZE} bytes, found {size}")
+    _, version, *ints, shared = V1_HEADER.unpack_from(buf, 0)
+    if version == 1:
+        return _load_v1(path, buf, size, ints, shared)
+    loader = _VERSIONED_LOADERS.get(version)
+    if loader is None:
+        known = ", ".join(str(v) for v in sorted({1, *_VERSIONED_LOADERS}))
+        raise CheckpointError(f"{path}: unsupported checkpoint version {version} (expected one of {known})")
+    return loader(path, buf, size, ints, shared)
+
+
+def _load_v0(path: Path, buf: np.ndarray, size: int) -> Checkpoint:
+    dim, hidden, layers, heads, kv_heads, vocab, seq_len = V0_HEADER.unpack_from(buf, 0)
+    shared = vocab > 0
+    try:
+        cfg = ModelConfig(dim, hidden, layers, heads, kv_heads, abs(vocab), seq_len, shared_classifier=shared)
+    except ConfigError as e:
+        raise CheckpointError(
+            f"{path}: not a llama2.c checkpoint: no 'ak42' magic, and as a legacy (v0) header "
+            f"dim={dim} hidden_dim={hidden} n_layers={layers} n_heads={heads} n_kv_heads={kv_heads} "
+            f"vocab_size={vocab} seq_len={seq_len} it is invalid ({e})"
+        ) from None
+    expected = V0_HEADER.size + _fp32_size(cfg, V0_ORDER, _rope_floats(cfg))
+    _check_size(path, 0, expected, size)
+    weights = _read_fp32(path, buf, cfg, V0_ORDER, V0_HEADER.size, {"rms_final": _rope_floats(cfg)})
+    return Checkpoint(path, 0, cfg, weights)
+
+
+def _load_v1(path: Path, buf: np.ndarray, size: int, ints, shared: int) -> Checkpoint:
+    if shared not in (0, 1):
+        raise CheckpointError(f"{path}: invalid header: shared_classifier flag must be 0 or 1, found {shared}")
+    cfg = _config(path, *ints, bool(shared))
+    expected = HEADER_SIZE + _fp32_size(cfg, V1_ORDER)
+    _check_size(path, 1, expected, size)
+    return Checkpoint(path, 1, cfg, _read_fp32(path, buf, cfg, V1_ORDER, HEADER_SIZE, {}))
+
+
+# Versions beyond 1 (the quantized formats) register a loader here:
+# loader(path, buf, size, header_ints, shared_flag) -> Checkpoint
+_VERSIONED_LOADERS: dict = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def atomic_write(path: str | os.PathLike, write_fn) -> None:
+    """Call write_fn(file) on a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _header_v1(cfg: ModelConfig, version: int) -> bytearray:
+    header = bytearray(HEADER_SIZE)
+    V1_HEADER.pack_into(
+        header, 0, MAGIC, version, cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads,
+        cfg.n_kv_heads, cfg.vocab_size, cfg.seq_len, int(cfg.shared_classifier),
+    )
+    return header
+
+
+def _write_f32(f, arr: np.ndarray) -> None:
+    f.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+
+
+def write_checkpoint(path: str | os.PathLike, cfg: ModelConfig, weights: Weights, version: int = 0) -> None:
+    """Write fp32 weights as a v0 (run.c legacy) or v1 file, atomically."""
+    if version not in (0, 1):
+        raise CheckpointError(f"write_checkpoint writes fp32 versions 0 and 1, not {version}")
+    if not isinstance(weights, Weights):
+        weights = Weights.from_dict(cfg, dict(weights))
+
+    def write(f):
+        if version == 0:
+            vocab = cfg.vocab_size if cfg.shared_classifier else -cfg.vocab_size
+            f.write(V0_HEADER.pack(cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, vocab, cfg.seq_len))
+            for name in V0_ORDER:
+                _write_f32(f, getattr(weights, name))
+            cos, sin = rope_tables(cfg)  # unused by readers, but run.c expects the space
+            _write_f32(f, cos)
+            _write_f32(f, sin)
+        else:
+            f.write(_header_v1(cfg, 1))
+            for name in V1_ORDER:
+                _write_f32(f, getattr(weights, name))
+        if not cfg.shared_classifier:
+            _write_f32(f, weights.wcls)
+
+    atomic_write(path, write)
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin RoPE tables (seq_len, head_size/2), as llama2.c's legacy exporter stores them."""
+    freqs = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_size, 2, dtype=np.float64) / cfg.head_size))
+    angles = np.outer(np.arange(cfg.seq_len, dtype=np.float64), freqs)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

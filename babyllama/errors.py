@@ -1,0 +1,27 @@
+"""Errors a user can act on.
+
+Every failure caused by input (a file, a flag, a prompt) raises a subclass of
+BabyLlamaError whose message names what was expected and what was found. The CLI
+prints that message as one line on stderr and exits non-zero; it never shows a
+traceback for these.
+"""
+
+
+class BabyLlamaError(Exception):
+    """Base class of babyllama's user-facing errors."""
+
+
+class ConfigError(BabyLlamaError, ValueError):
+    """Model hyperparameters that cannot describe a Llama model."""
+
+
+class CheckpointError(BabyLlamaError):
+    """A model file that is missing, truncated, foreign or inconsistent."""
+
+
+class TokenizerError(BabyLlamaError):
+    """A tokenizer file that is missing, malformed, or does not fit the model."""
+
+
+class GenerationError(BabyLlamaError, ValueError):
+    """Generation settings or prompts that cannot be honoured (e.g. prompt longer than the context)."""

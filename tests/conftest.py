@@ -1,0 +1,65 @@
+"""Shared test fixtures.
+
+Real llama2.c files live outside the repository (../shared/data, or $BABYLLAMA_TEST_DATA);
+tests that need them skip with a reason when they are absent. Everything else builds tiny
+random models so the core suite runs anywhere.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _shared_root() -> Path | None:
+    env = os.environ.get("BABYLLAMA_TEST_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(ROOT.parent / "shared" / "data")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+SHARED_DATA = _shared_root()
+SHARED_FIXTURES = SHARED_DATA.parent / "fixtures" if SHARED_DATA else None
+
+
+def shared_file(name: str) -> Path:
+    """Path of a file in ../shared/data (or $BABYLLAMA_TEST_DATA); skips the test when absent."""
+    if SHARED_DATA is None or not (SHARED_DATA / name).exists():
+        pytest.skip(f"shared test data {name!r} not found (set BABYLLAMA_TEST_DATA or provide ../shared/data)")
+    return SHARED_DATA / name
+
+
+def shared_fixture(name: str) -> Path:
+    """Path of a file in ../shared/fixtures; skips the test when absent."""
+    if SHARED_FIXTURES is None or not (SHARED_FIXTURES / name).exists():
+        pytest.skip(f"shared fixture {name!r} not found (provide ../shared/fixtures)")
+    return SHARED_FIXTURES / name
+
+
+def random_weights(cfg, seed: int = 0, scale: float = 0.05) -> dict:
+    """A dict of random fp32 tensors of the right shapes for `cfg` (norm weights near 1)."""
+    from babyllama.checkpoint import tensor_shapes
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in tensor_shapes(cfg).items():
+        if name == "wcls" and cfg.shared_classifier:
+            continue
+        if name.startswith("rms"):
+            out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            out[name] = (scale * rng.standard_normal(shape)).astype(np.float32)
+    return out
+
+
+@pytest.fixture
+def tiny_config():
+    from babyllama.config import ModelConfig
+
+    return ModelConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=32)

@@ -25,3 +25,7 @@ class TokenizerError(BabyLlamaError):
 
 class GenerationError(BabyLlamaError, ValueError):
     """Generation settings or prompts that cannot be honoured (e.g. prompt longer than the context)."""
+
+
+class DataError(BabyLlamaError):
+    """A corpus, download or token-shard directory that is missing, empty or inconsistent."""

@@ -1,0 +1,130 @@
+"""Inference engines: weights (read-only, usually views of a mapped file) kept apart from run state.
+
+    engine = Engine.from_checkpoint(load_checkpoint("stories15M.bin"))
+    state = engine.new_state()                 # KV cache + scratch buffers, owned by the caller
+    logits = engine.forward([1, 403], 0, state)  # prefill two tokens -> logits of the last one
+
+Nothing here allocates per token: forward writes into the state's buffers and returns a view.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..checkpoint import Checkpoint, Weights
+from ..config import ModelConfig
+from ..errors import GenerationError
+
+# Below this many weight bytes a single thread wins: a 64x64 matvec takes less time than waking
+# a thread pool. Measured with `babyllama bench` on 2 cores (stories260K: 1 MB serial is faster).
+PARALLEL_MIN_BYTES = 4 << 20
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of every (position, pair) angle, (seq_len, head_size/2) float32.
+
+    Computed the way run.c does, in float32: freq = 1 / theta^(2i/head_size), angle = pos * freq,
+    so the rotations match llama2.c's to the last bit wherever the C library's cosf/sinf round
+    correctly. (The tables stored in v0 files are not used by run.c either.)
+    """
+    hs = cfg.head_size
+    head_dim = np.arange(0, hs, 2, dtype=np.float32)
+    freq = np.float32(1.0) / np.power(np.float32(cfg.rope_theta), head_dim / np.float32(hs))
+    angle = np.arange(cfg.seq_len, dtype=np.float32)[:, None] * freq[None, :]  # float32 products
+    a64 = angle.astype(np.float64)  # correctly rounded cos/sin of the float32 angle
+    return np.cos(a64).astype(np.float32), np.sin(a64).astype(np.float32)
+
+
+class RunState:
+    """Everything that changes while generating: activations scratch and the KV cache."""
+
+    def __init__(self, cfg: ModelConfig):
+        f32 = np.float32
+        self.pos = 0  # number of positions already in the cache
+        self.x = np.zeros(cfg.dim, f32)  # residual stream
+        self.xb = np.zeros(cfg.dim, f32)  # normalized / attention output
+        self.xb2 = np.zeros(cfg.dim, f32)  # projection output before the residual add
+        self.q = np.zeros(cfg.dim, f32)
+        self.hb = np.zeros(cfg.hidden_dim, f32)  # SwiGLU hidden activations
+        self.att = np.zeros((cfg.n_heads, cfg.seq_len), f32)  # attention scores
+        self.k = np.zeros(cfg.kv_dim, f32)  # this position's key and value before caching
+        self.v = np.zeros(cfg.kv_dim, f32)
+        # KV cache, head-major and position-minor: (layer, kv head, head_size, position)
+        kv_shape = (cfg.n_layers, cfg.n_kv_heads, cfg.head_size, cfg.seq_len)
+        self.key_cache = np.zeros(kv_shape, f32)
+        self.value_cache = np.zeros(kv_shape, f32)
+        self.logits = np.zeros((1, cfg.vocab_size), f32)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
+
+
+def _as_tokens(tokens) -> np.ndarray:
+    return np.ascontiguousarray(np.atleast_1d(np.asarray(tokens)), dtype=np.int32)
+
+
+class Engine:
+    """fp32 inference over llama2.c weights (v0/v1 files, or arrays from the trainer)."""
+
+    def __init__(self, cfg: ModelConfig, weights: Weights, parallel: bool | None = None):
+        self.config = cfg
+        self.weights = weights
+        if parallel is None:
+            parallel = self.weight_bytes >= PARALLEL_MIN_BYTES
+        self.parallel = bool(parallel)
+        self.rope_cos, self.rope_sin = rope_tables(cfg)
+        self._eps = np.float32(cfg.norm_eps)
+
+    @classmethod
+    def from_checkpoint(cls, ck: Checkpoint, parallel: bool | None = None) -> "Engine":
+        return cls(ck.config, ck.weights, parallel)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads (the classifier once even if tied)."""
+        w = self.weights
+        return sum(a.nbytes for n, a in w.items() if n != "token_embedding") + w.token_embedding[0].nbytes
+
+    def new_state(self) -> RunState:
+        return RunState(self.config)
+
+    def check_tokens(self, tokens: np.ndarray, pos: int) -> None:
+        cfg = self.config
+        if pos < 0 or pos + tokens.shape[0] > cfg.seq_len:
+            raise GenerationError(
+                f"positions {pos}..{pos + tokens.shape[0] - 1} exceed the model's context of {cfg.seq_len} tokens"
+            )
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+            raise GenerationError(f"token ids must be in [0, {cfg.vocab_size}), found {tokens.min()}..{tokens.max()}")
+
+    def forward(self, tokens, pos: int, state: RunState, all_logits: bool = False) -> np.ndarray:
+        """Run tokens at positions pos.. through the model; return logits.
+
+        Returns a (vocab,) view of the last position's logits, or (T, vocab) with all_logits.
+        The returned view is overwritten by the next call.
+        """
+        from .fp32 import forward
+
+        tokens = _as_tokens(tokens)
+        self.check_tokens(tokens, pos)
+        out = np.empty((tokens.shape[0], self.config.vocab_size), np.float32) if all_logits else state.logits
+        w = self.weights
+        forward(
+            tokens, pos, out,
+            w.token_embedding, w.rms_att, w.wq, w.wk, w.wv, w.wo, w.rms_ffn, w.w1, w.w2, w.w3, w.rms_final, w.wcls,
+            state.key_cache, state.value_cache, state.x, state.xb, state.xb2, state.q, state.k, state.v,
+            state.hb, state.att, self.rope_cos, self.rope_sin,
+            self.config.n_heads, self._eps, self.parallel,
+        )
+        state.pos = pos + tokens.shape[0]
+        return out if all_logits else out[0]
+
+    def logits(self, tokens) -> np.ndarray:
+        """(T, vocab) logits of every position of a token sequence, from a fresh state."""
+        return self.forward(tokens, 0, self.new_state(), all_logits=True)
+
+
+__all__ = ["Engine", "RunState", "rope_tables", "PARALLEL_MIN_BYTES"]

@@ -1,0 +1,108 @@
+"""The fp32 engine against an independent NumPy reference of the Llama forward pass."""
+
+import numpy as np
+import pytest
+from conftest import random_weights, shared_file
+
+from babyllama.checkpoint import Weights, load_checkpoint, write_checkpoint
+from babyllama.config import ModelConfig
+from babyllama.engine import Engine
+from babyllama.errors import GenerationError
+
+
+def reference_logits(cfg: ModelConfig, w: dict, tokens) -> np.ndarray:
+    """A plain float64 NumPy transformer over the whole sequence (causal mask, no KV cache)."""
+    T, hs = len(tokens), cfg.head_size
+    x = w["token_embedding"][tokens].astype(np.float64)  # (T, dim)
+    pos = np.arange(T)[:, None]
+    freq = 1.0 / cfg.rope_theta ** (np.arange(0, hs, 2) / hs)
+    cos, sin = np.cos(pos * freq), np.sin(pos * freq)  # (T, hs/2)
+
+    def rms(v, g):
+        return g * v / np.sqrt((v * v).mean(-1, keepdims=True) + cfg.norm_eps)
+
+    def rope(v, n):  # v: (T, n*hs), interleaved pairs
+        v = v.reshape(T, n, hs // 2, 2)
+        a, b = v[..., 0], v[..., 1]
+        c, s = cos[:, None, :], sin[:, None, :]
+        return np.stack([a * c - b * s, a * s + b * c], -1).reshape(T, n * hs)
+
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    for l in range(cfg.n_layers):
+        h = rms(x, w["rms_att"][l])
+        q = rope(h @ w["wq"][l].T, cfg.n_heads).reshape(T, cfg.n_heads, hs)
+        k = rope(h @ w["wk"][l].T, cfg.n_kv_heads).reshape(T, cfg.n_kv_heads, hs)
+        v = (h @ w["wv"][l].T).reshape(T, cfg.n_kv_heads, hs)
+        k = np.repeat(k, cfg.kv_mul, axis=1)
+        v = np.repeat(v, cfg.kv_mul, axis=1)
+        att = np.einsum("thd,shd->hts", q, k) / np.sqrt(hs) + mask
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        o = np.einsum("hts,shd->thd", att, v).reshape(T, cfg.dim)
+        x = x + o @ w["wo"][l].T
+        h = rms(x, w["rms_ffn"][l])
+        a, b = h @ w["w1"][l].T, h @ w["w3"][l].T
+        x = x + ((a / (1 + np.exp(-a))) * b) @ w["w2"][l].T
+    wcls = w["token_embedding"] if cfg.shared_classifier else w["wcls"]
+    return rms(x, w["rms_final"]) @ wcls.T
+
+
+CONFIGS = [
+    ModelConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=32),
+    ModelConfig(dim=48, hidden_dim=100, n_layers=3, n_heads=6, n_kv_heads=6, vocab_size=80, seq_len=24,
+                shared_classifier=False),
+    ModelConfig(dim=64, hidden_dim=172, n_layers=1, n_heads=8, n_kv_heads=1, vocab_size=50, seq_len=16),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["gqa", "untied-mha", "mqa"])
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+def test_engine_matches_reference(cfg, parallel):
+    w = random_weights(cfg, seed=1, scale=0.2)
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, cfg.seq_len)
+    engine = Engine(cfg, Weights.from_dict(cfg, w), parallel=parallel)
+    got = engine.logits(tokens)
+    want = reference_logits(cfg, w, tokens)
+    assert got.shape == (cfg.seq_len, cfg.vocab_size)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
+
+
+def test_prefill_equals_token_by_token(tiny_config):
+    cfg = tiny_config
+    engine = Engine(cfg, Weights.from_dict(cfg, random_weights(cfg, scale=0.3)))
+    tokens = list(range(3, 3 + 12))
+    state = engine.new_state()
+    for pos, t in enumerate(tokens):
+        last = engine.forward([t], pos, state).copy()
+    prefilled = engine.forward(tokens, 0, engine.new_state())
+    np.testing.assert_array_equal(prefilled, last)
+    assert state.pos == len(tokens)
+
+
+def test_forward_refuses_positions_beyond_context(tiny_config):
+    engine = Engine(tiny_config, Weights.from_dict(tiny_config, random_weights(tiny_config)))
+    state = engine.new_state()
+    with pytest.raises(GenerationError, match="context of 32"):
+        engine.forward([1, 2], tiny_config.seq_len - 1, state)
+    with pytest.raises(GenerationError, match=r"\[0, 64\)"):
+        engine.forward([64], 0, state)
+
+
+def test_v0_and_v1_give_identical_logits(tmp_path, tiny_config):
+    cfg = tiny_config
+    w = random_weights(cfg, scale=0.3)
+    for version in (0, 1):
+        write_checkpoint(tmp_path / f"m{version}.bin", cfg, Weights.from_dict(cfg, w), version=version)
+    tokens = [1, 5, 9, 33, 2, 7]
+    l0 = Engine.from_checkpoint(load_checkpoint(tmp_path / "m0.bin")).logits(tokens)
+    l1 = Engine.from_checkpoint(load_checkpoint(tmp_path / "m1.bin")).logits(tokens)
+    np.testing.assert_array_equal(l0, l1)
+
+
+def test_stories260k_matches_reference():
+    ck = load_checkpoint(shared_file("stories260K.bin"))
+    w = {name: np.asarray(a) for name, a in ck.weights.items()}
+    tokens = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376]
+    got = Engine.from_checkpoint(ck).logits(tokens)
+    want = reference_logits(ck.config, w, tokens)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)

@@ -43,6 +43,7 @@ class RunState:
     def __init__(self, cfg: ModelConfig):
         f32 = np.float32
         self.pos = 0  # number of positions already in the cache
+        self.token = np.zeros(1, np.int32)  # the decode step's input, reused
         self.x = np.zeros(cfg.dim, f32)  # residual stream
         self.xb = np.zeros(cfg.dim, f32)  # normalized / attention output
         self.xb2 = np.zeros(cfg.dim, f32)  # projection output before the residual add
@@ -106,11 +107,23 @@ class Engine:
         Returns a (vocab,) view of the last position's logits, or (T, vocab) with all_logits.
         The returned view is overwritten by the next call.
         """
-        from .fp32 import forward
-
         tokens = _as_tokens(tokens)
         self.check_tokens(tokens, pos)
         out = np.empty((tokens.shape[0], self.config.vocab_size), np.float32) if all_logits else state.logits
+        self._run(tokens, pos, out, state)
+        return out if all_logits else out[0]
+
+    def step(self, token: int, pos: int, state: RunState) -> np.ndarray:
+        """forward() for one token: the decode loop's path, with only scalar checks (~1 us less)."""
+        if not (0 <= pos < self.config.seq_len and 0 <= token < self.config.vocab_size):
+            self.check_tokens(np.array([token], np.int32), pos)  # raises with the full message
+        state.token[0] = token
+        self._run(state.token, pos, state.logits, state)
+        return state.logits[0]
+
+    def _run(self, tokens: np.ndarray, pos: int, out: np.ndarray, state: RunState) -> None:
+        from .fp32 import forward
+
         w = self.weights
         forward(
             tokens, pos, out,
@@ -120,7 +133,6 @@ class Engine:
             self.config.n_heads, self._eps, self.parallel,
         )
         state.pos = pos + tokens.shape[0]
-        return out if all_logits else out[0]
 
     def logits(self, tokens) -> np.ndarray:
         """(T, vocab) logits of every position of a token sequence, from a fresh state."""

@@ -63,3 +63,29 @@ def tiny_config():
     from babyllama.config import ModelConfig
 
     return ModelConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=32)
+
+
+def tiny_tokenizer_file(path, vocab_size: int = 300):
+    """Write a llama2.c tokenizer.bin: <unk> <s> </s>, the 256 byte tokens, then short pieces."""
+    from babyllama.tokenizer import Tokenizer
+
+    pieces = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{b:02X}>".encode() for b in range(256)]
+    extra = [b" ", b"e", b"t", b"a", b"o", b" t", b"th", b" th", b"he", b" the", b"in", b"an", b" a", b"nd", b" and"]
+    extra += [bytes([c]) for c in b"bcdfghijklmnpqrsuvwxyz.,!?'ABCDEFGHIJKLMNOPQRSTUVWXYZ" if bytes([c]) not in extra]
+    pieces += extra[: vocab_size - len(pieces)]
+    pieces += [f"<extra{i}>".encode() for i in range(vocab_size - len(pieces))]
+    scores = np.array([0.0] * 259 + [-float(i) for i in range(vocab_size - 259)], np.float32)
+    Tokenizer(pieces, scores).save(path)
+    return path
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    """A random v0 model (vocab 300, seq_len 64) with tokenizer.bin beside it."""
+    from babyllama.checkpoint import Weights, write_checkpoint
+    from babyllama.config import ModelConfig
+
+    cfg = ModelConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=64)
+    write_checkpoint(tmp_path / "model.bin", cfg, Weights.from_dict(cfg, random_weights(cfg, scale=0.3)))
+    tiny_tokenizer_file(tmp_path / "tokenizer.bin", cfg.vocab_size)
+    return tmp_path / "model.bin"

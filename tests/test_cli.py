@@ -1,0 +1,153 @@
+"""`babyllama run`: llama2.c parity through the real CLI, --json, and one-line errors for bad input."""
+
+import base64
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import shared_file, shared_fixture, tiny_tokenizer_file
+
+from babyllama.cli import main
+
+
+def run_cli(capsysbinary, *argv):
+    """Run the CLI in-process; returns (exit code, stdout bytes, stderr text)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse errors exit directly
+        code = e.code
+    out = capsysbinary.readouterr()
+    return code, out.out, out.err.decode()
+
+
+def fixture_cases():
+    path = shared_fixture("generate_stories260K.json")
+    return json.loads(path.read_text())["cases"]
+
+
+def case_argv(args):
+    argv = ["-t", str(args["temperature"]), "-p", str(args["topp"]), "-s", str(args["seed"]), "-n", str(args["steps"])]
+    if args["prompt"] is not None:
+        argv += ["-i", args["prompt"]]
+    return argv
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_llama2c_fixture_stdout_and_tokens(capsysbinary, index):
+    cases = fixture_cases()
+    if index >= len(cases):
+        pytest.skip("fixture has fewer cases")
+    case = cases[index]
+    model, tok = shared_file("stories260K.bin"), shared_file("tok512.bin")
+    code, out, err = run_cli(capsysbinary, "run", str(model), "-z", str(tok), *case_argv(case["args"]))
+    assert code == 0, err
+    assert out == base64.b64decode(case["stdout_b64"])
+    assert "achieved tok/s" in err
+
+    code, out, _ = run_cli(capsysbinary, "run", str(model), "-z", str(tok), *case_argv(case["args"]), "--json")
+    result = json.loads(out)
+    assert result["tokens"][0] == 1
+    assert result["tokens"][1:] == case["generated_ids"]
+    assert result["text"] + "\n" == base64.b64decode(case["stdout_b64"]).decode()
+    assert result["prompt_tokens"] >= 1 and result["generated_tokens"] >= 1
+    assert result["tokens_per_second"] > 0 and result["time_to_first_token_s"] > 0
+
+
+def test_tokenizer_found_beside_model(capsysbinary, tiny_model):
+    code, out, err = run_cli(capsysbinary, "run", str(tiny_model), "-t", "0", "-n", "20", "-i", "the cat")
+    assert code == 0, err
+    assert out.startswith(b"the cat")
+
+
+def test_json_step_count_and_prompt(capsysbinary, tiny_model):
+    code, out, _ = run_cli(capsysbinary, "run", str(tiny_model), "-t", "0.8", "-s", "3", "-n", "30", "-i", "the", "--json")
+    result = json.loads(out)
+    assert code == 0
+    # steps counts positions including the prompt: at most 30 tokens after the first
+    assert len(result["tokens"]) <= 31
+    if 1 not in result["tokens"][1:]:
+        assert len(result["tokens"]) == 31
+    assert result["prompt_tokens"] == 2  # BOS, " the" (a piece of the tiny vocabulary)
+    assert result["text"].startswith("the")
+
+
+def test_same_seed_same_text_and_seed_matters(capsysbinary, tiny_model):
+    outs = [run_cli(capsysbinary, "run", str(tiny_model), "-s", str(s), "-n", "40")[1] for s in (7, 7, 8)]
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["-n", "-5"], "-n (steps) must be >= 0, got -5"),
+        (["-t", "-1"], "-t (temperature) must be >= 0.0, got -1"),
+        (["-t", "nan"], "-t (temperature) must be finite"),
+        (["-p", "1.5"], "-p (top-p) must be >= 0.0 and <= 1.0, got 1.5"),
+        (["-s", "-3"], "-s (seed) must be >= 0"),
+        (["-n", "abc"], "-n (steps) expects int, got 'abc'"),
+        (["-k", "-2"], "-k (top-k) must be >= 0"),
+        (["-m", "poem"], "invalid choice: 'poem'"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_absurd_flags_are_one_line_errors(capsysbinary, tiny_model, flags, message):
+    code, out, err = run_cli(capsysbinary, "run", str(tiny_model), *flags)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert out == b""
+
+
+def test_bad_files_are_one_line_errors(capsysbinary, tiny_model, tmp_path):
+    cases = []
+    cases.append((["run", str(tmp_path / "nope.bin")], "no such model file"))
+    trunc = tmp_path / "trunc.bin"
+    trunc.write_bytes(tiny_model.read_bytes()[:-100])
+    cases.append((["run", str(trunc), "-z", str(tmp_path / "tokenizer.bin")], "truncated"))
+    wrong_vocab = tiny_tokenizer_file(tmp_path / "tok_big.bin", 400)
+    cases.append((["run", str(tiny_model), "-z", str(wrong_vocab)], "300"))
+    cases.append((["run", str(tiny_model), "-z", str(tmp_path / "missing_tok.bin")], "missing_tok.bin"))
+    cases.append((["run", str(tiny_model), "-i", "the " * 100], "longer than the model's context of 64"))
+    for argv, message in cases:
+        code, out, err = run_cli(capsysbinary, *argv)
+        assert code == 1, (argv, err)
+        assert message in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, err
+        assert "Traceback" not in err
+
+
+def test_no_tokenizer_anywhere(capsysbinary, tmp_path, tiny_model, monkeypatch):
+    (tmp_path / "tokenizer.bin").unlink()
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsysbinary, "run", str(tiny_model))
+    assert code == 1 and "pass -z TOKENIZER" in err
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "babyllama.cli", "run", str(tmp_path / "missing.bin")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "no such model file" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_help_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    assert "run" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_chat_mode_reads_turns_until_end_of_input(tmp_path, tiny_model):
+    proc = subprocess.run(
+        [sys.executable, "-m", "babyllama.cli", "run", str(tiny_model), "-m", "chat", "-y", "be nice",
+         "-n", "60", "-s", "1"],
+        input="the cat\n", capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("User: Assistant: ")

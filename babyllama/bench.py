@@ -97,7 +97,7 @@ def perplexity(model, text: str, max_tokens: int) -> tuple[float, int]:
 
 
 _PROBE = r"""
-import sys, time, resource
+import sys, time
 t0 = time.perf_counter()
 from babyllama.checkpoint import load_checkpoint
 from babyllama.generate import engine_for, generate_ids
@@ -109,7 +109,13 @@ next(it)
 t_first = time.perf_counter() - t0
 for _ in it:
     pass
-print(t_first, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the parent's peak
+try:
+    rss = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+except OSError:
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(t_first, rss)
 """
 
 

@@ -38,9 +38,12 @@ SHAPES = {
 }
 
 
-def random_model(cfg: ModelConfig, path: Path, seed: int = 0) -> Path:
-    """Write a v0 checkpoint of random weights (scaled like a trained model's) for timing."""
-    from .checkpoint import Weights, tensor_shapes, write_checkpoint
+def random_weights(cfg: ModelConfig, seed: int = 0, scale: float | None = None) -> dict[str, np.ndarray]:
+    """Random fp32 tensors of the right shapes: norms near 1, matrices N(0, scale^2).
+
+    scale=None uses 1/sqrt(fan_in), which keeps activations of any depth in a trained model's range.
+    """
+    from .checkpoint import tensor_shapes
 
     rng = np.random.default_rng(seed)
     tensors = {}
@@ -48,11 +51,18 @@ def random_model(cfg: ModelConfig, path: Path, seed: int = 0) -> Path:
         if name == "wcls" and cfg.shared_classifier:
             continue
         if name.startswith("rms"):
-            tensors[name] = np.ones(shape, np.float32)
+            tensors[name] = (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
         else:
-            fan_in = shape[-1]
-            tensors[name] = rng.standard_normal(shape, dtype=np.float32) / np.float32(math.sqrt(fan_in))
-    write_checkpoint(path, cfg, Weights.from_dict(cfg, tensors), version=0)
+            std = scale if scale is not None else 1.0 / math.sqrt(shape[-1])
+            tensors[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    return tensors
+
+
+def random_model(cfg: ModelConfig, path: Path, seed: int = 0) -> Path:
+    """Write a v0 checkpoint of random weights for timing."""
+    from .checkpoint import Weights, write_checkpoint
+
+    write_checkpoint(path, cfg, Weights.from_dict(cfg, random_weights(cfg, seed)), version=0)
     return path
 
 

@@ -44,18 +44,9 @@ def shared_fixture(name: str) -> Path:
 
 def random_weights(cfg, seed: int = 0, scale: float = 0.05) -> dict:
     """A dict of random fp32 tensors of the right shapes for `cfg` (norm weights near 1)."""
-    from babyllama.checkpoint import tensor_shapes
+    from babyllama.bench import random_weights as make
 
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in tensor_shapes(cfg).items():
-        if name == "wcls" and cfg.shared_classifier:
-            continue
-        if name.startswith("rms"):
-            out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        else:
-            out[name] = (scale * rng.standard_normal(shape)).astype(np.float32)
-    return out
+    return make(cfg, seed, scale)
 
 
 @pytest.fixture

@@ -151,3 +151,13 @@ def test_chat_mode_reads_turns_until_end_of_input(tmp_path, tiny_model):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("User: Assistant: ")
+
+
+def test_inference_path_never_imports_torch(tiny_model):
+    code = (
+        "import sys; from babyllama.cli import main; "
+        f"rc = main(['run', {str(tiny_model)!r}, '-n', '8', '-t', '0']); "
+        "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

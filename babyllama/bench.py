@@ -3,6 +3,7 @@
     babyllama bench stories15M.bin                 # a real model
     babyllama bench --shape 110M                   # random weights of a llama2.c model's shape
     babyllama bench model.bin --ppl story.txt      # + perplexity on a text
+    babyllama bench --shape 110M --quantize 8,4    # fp32 next to int8 and int4 copies, one run
 
 Decode speed is single-stream greedy decoding from BOS, best of --repeats runs (a shared machine
 is noisy: the best run is the one least disturbed). GB/s is weights streamed per second: every
@@ -178,6 +179,30 @@ def bench_one(model_path: Path, label: str, args) -> dict:
     return row
 
 
+def _with_quantized(jobs: list, bits_list: str, tmp: Path) -> list:
+    """Each fp32 job followed by its quantized copies (`babyllama quantize` with default group size)."""
+    from .checkpoint import load_checkpoint
+    from .quantize import quantize_file
+
+    try:
+        bits = [int(b) for b in bits_list.split(",")]
+    except ValueError:
+        raise BabyLlamaError(f"--quantize expects bit widths like 8,4, got {bits_list!r}") from None
+    if any(b not in (8, 4) for b in bits):
+        raise BabyLlamaError(f"--quantize bit widths must be 8 or 4, got {bits_list!r}")
+    out = []
+    for path, label in jobs:
+        out.append((path, label))
+        if load_checkpoint(path).version not in (0, 1):
+            continue
+        for b in bits:
+            print(f"quantizing {label} to int{b}...", file=sys.stderr)
+            q = tmp / f"{Path(path).stem}_q{b}.bin"
+            quantize_file(path, q, b)
+            out.append((q, f"{label} int{b}"))
+    return out
+
+
 def print_table(rows: list[dict]) -> None:
     cols = [c for c in rows[0]]
     for r in rows[1:]:
@@ -202,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serial", dest="parallel", action="store_const", const=False, default=None,
                    help="force one thread")
     p.add_argument("--parallel", dest="parallel", action="store_const", const=True, help="force the thread pool")
+    p.add_argument("--quantize", metavar="BITS", default="",
+                   help="also time int8/int4 copies of each fp32 model, e.g. 8,4 (written to a temp dir)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     args = p.parse_args(argv)
     if not args.models and not args.shape:
@@ -214,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         for shape in args.shape:
             print(f"writing a random {shape} model...", file=sys.stderr)
             jobs.append((random_model(SHAPES[shape], Path(tmp) / f"{shape}.bin"), f"random {shape}"))
+        if args.quantize:
+            if args.ppl and args.tokenizer is None and args.models:  # the copies live in tmp: keep the original's
+                from .generate import find_tokenizer
+
+                args.tokenizer = str(find_tokenizer(args.models[0]))
+            jobs = _with_quantized(jobs, args.quantize, Path(tmp))
         for path, label in jobs:
             print(f"benchmarking {label}...", file=sys.stderr)
             row = bench_one(path, label, args)

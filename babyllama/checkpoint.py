@@ -9,6 +9,9 @@ place, so a crash never leaves a half-written checkpoint behind.
 Formats (all little-endian; see DESIGN.md for the byte-level description):
   v0  legacy run.c format: 7 x int32 header, fp32 weights in run.c's order, RoPE tables.
   v1  256-byte "ak42" header, fp32 weights grouped norms-first.
+  v2  llama2.c's int8 "Q8_0": v1's header + int32 group size, fp32 norms, then each matrix as
+      int8 values followed by its float32 group scales.
+  v3  babyllama's int4: v2's layout with each matrix's values as packed nibbles (quant.py).
 """
 
 from __future__ import annotations
@@ -233,6 +236,81 @@ _VERSIONED_LOADERS: dict = {}
 
 
 # ---------------------------------------------------------------------------------------------
+# v2 (int8, llama2.c's "Q8_0") and v3 (int4, a babyllama extension)
+#
+# Byte layout, both versions (little-endian):
+#   0    uint32 magic "ak42", int32 version (2 or 3), 7 x int32 config, uint8 shared_classifier
+#   37   int32 group_size (unaligned, right after the flag), zero padding to 256
+#   256  float32 rms_att (L, dim), rms_ffn (L, dim), rms_final (dim,)
+#   then the quantized matrices in this order: token_embedding; wq of layer 0..L-1; then wk, wv,
+#   wo, w1, w2, w3 likewise (each layer its own matrix); wcls if not shared. One matrix is
+#       values  v2: int8[rows*cols]    v3: uint8[rows*cols/2] packed nibbles (see quant.py)
+#       scales  float32[rows*cols / group_size]
+#   with nothing between matrices, so a scale block may start at any byte offset.
+
+V2_GROUP_SIZE = struct.Struct("<i")
+V2_GROUP_SIZE_OFFSET = 37
+QUANT_NORMS = ("rms_att", "rms_ffn", "rms_final")
+QUANT_MATRICES = ("token_embedding", "wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def _quant_layout(cfg: ModelConfig, bits: int, group_size: int) -> tuple[int, list]:
+    """(bytes of the whole file, [(name, n_matrices, rows, cols, value_bytes, scale_bytes)])."""
+    shapes = tensor_shapes(cfg)
+    offset = HEADER_SIZE + 4 * sum(int(np.prod(shapes[n])) for n in QUANT_NORMS)
+    names = QUANT_MATRICES + (() if cfg.shared_classifier else ("wcls",))
+    layout = []
+    for name in names:
+        shape = shapes[name]
+        n_mats = shape[0] if len(shape) == 3 else 1
+        rows, cols = shape[-2:]
+        value_bytes = rows * cols * bits // 8
+        scale_bytes = 4 * (rows * cols // group_size)
+        layout.append((name, n_mats, rows, cols, value_bytes, scale_bytes))
+        offset += n_mats * (value_bytes + scale_bytes)
+    return offset, layout
+
+
+def _load_quantized(path: Path, buf: np.ndarray, size: int, ints, shared: int, version: int) -> Checkpoint:
+    from .quant import VERSION_BITS, QuantMatrix, QuantWeights, group_size_problem
+
+    bits = VERSION_BITS[version]
+    if shared not in (0, 1):
+        raise CheckpointError(f"{path}: invalid v{version} header: shared_classifier flag must be 0 or 1, found {shared}")
+    cfg = _config(path, *ints, bool(shared))
+    (group_size,) = V2_GROUP_SIZE.unpack_from(buf, V2_GROUP_SIZE_OFFSET)
+    problem = group_size_problem(cfg, group_size, bits)
+    if problem:
+        # llama2.c's exporter checked only dim, so files exist whose w2 groups straddle rows
+        raise CheckpointError(f"{path}: invalid v{version} header: {problem}")
+    expected, layout = _quant_layout(cfg, bits, group_size)
+    _check_size(path, version, expected, size)
+
+    shapes = tensor_shapes(cfg)
+    r = _Reader(buf, HEADER_SIZE)
+    norms = {name: r.take(shapes[name]) for name in QUANT_NORMS}
+    data = buf.view(np.int8)  # the whole file; matrices are found by byte offset
+    matrices = {}
+    for name, n_mats, rows, cols, value_bytes, scale_bytes in layout:
+        offsets = np.empty(n_mats, np.int64)
+        scales = np.empty((n_mats, rows * cols // group_size), np.float32)
+        for i in range(n_mats):
+            offsets[i] = r.offset
+            r.offset += value_bytes
+            scales[i] = buf[r.offset : r.offset + scale_bytes].view("<f4")  # copy: aligned, contiguous
+            r.offset += scale_bytes
+        matrices[name] = QuantMatrix(bits, group_size, shapes[name], data, offsets, scales)
+    if cfg.shared_classifier:
+        matrices["wcls"] = matrices["token_embedding"]
+    weights = QuantWeights(bits, group_size, **norms, **matrices)
+    return Checkpoint(path, version, cfg, weights, group_size)
+
+
+_VERSIONED_LOADERS[2] = lambda path, buf, size, ints, shared: _load_quantized(path, buf, size, ints, shared, 2)
+_VERSIONED_LOADERS[3] = lambda path, buf, size, ints, shared: _load_quantized(path, buf, size, ints, shared, 3)
+
+
+# ---------------------------------------------------------------------------------------------
 # writing
 
 
@@ -288,6 +366,42 @@ def write_checkpoint(path: str | os.PathLike, cfg: ModelConfig, weights: Weights
             _write_f32(f, weights.wcls)
 
     atomic_write(path, write)
+
+
+def write_quantized_checkpoint(
+    path: str | os.PathLike, cfg: ModelConfig, weights: Weights, version: int = 2, group_size: int | None = None
+) -> int:
+    """Quantize fp32 weights and write them as v2 (int8) or v3 (int4), atomically; return the group size.
+
+    group_size None picks the largest size <= 64 that divides dim and hidden_dim (quant.py).
+    Matrices are quantized one layer at a time, so a mapped fp32 model is never copied whole.
+    v2 output is byte-identical to llama2.c's `export.py --version 2` for the same group size.
+    """
+    from .quant import VERSION_BITS, check_group_size, choose_group_size, quantize
+
+    if version not in VERSION_BITS:
+        raise CheckpointError(f"write_quantized_checkpoint writes versions 2 (int8) and 3 (int4), not {version}")
+    bits = VERSION_BITS[version]
+    if not isinstance(weights, Weights):
+        weights = Weights.from_dict(cfg, dict(weights))
+    gs = choose_group_size(cfg, bits) if group_size is None else check_group_size(cfg, group_size, bits)
+    _, layout = _quant_layout(cfg, bits, gs)
+
+    def write(f):
+        header = _header_v1(cfg, version)
+        V2_GROUP_SIZE.pack_into(header, V2_GROUP_SIZE_OFFSET, gs)
+        f.write(header)
+        for name in QUANT_NORMS:
+            _write_f32(f, getattr(weights, name))
+        for name, n_mats, rows, cols, _, _ in layout:
+            mats = np.asarray(getattr(weights, name)).reshape(n_mats, rows, cols)
+            for m in mats:
+                values, scales = quantize(m, gs, bits)
+                f.write(values.tobytes())
+                _write_f32(f, scales)
+
+    atomic_write(path, write)
+    return gs
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:

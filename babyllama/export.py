@@ -242,6 +242,20 @@ def _write_fp32(version: int):
 BIN_WRITERS: dict[int, Callable] = {0: _write_fp32(0), 1: _write_fp32(1)}
 
 
+def _write_quantized(version: int):
+    def write(path, cfg: ModelConfig, weights: Weights, group_size: int | None = None, **options) -> None:
+        from .checkpoint import write_quantized_checkpoint
+        from .quant import VERSION_BITS
+        from .quantize import default_group_size
+
+        gs = default_group_size(cfg, VERSION_BITS[version]) if group_size is None else group_size
+        write_quantized_checkpoint(path, cfg, weights, version, gs)
+    return write
+
+
+BIN_WRITERS.update({2: _write_quantized(2), 3: _write_quantized(3)})  # int8 (llama2.c Q8_0), int4 (babyllama)
+
+
 def register_bin_writer(version: int, writer: Callable) -> None:
     """Make `export_bin(..., version=version)` use writer(path, cfg, weights, **options)."""
     BIN_WRITERS[version] = writer

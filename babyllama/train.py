@@ -471,8 +471,12 @@ def _run(tc, ckpt, ckpt_path, out_dir, TokenWindows, dist, device, dtype, rank, 
     if master:
         _trim_metrics(metrics_path, start_iter)
 
+    t_run = time.perf_counter()
+
     def record(event: dict) -> None:
+        """Append to metrics.jsonl; elapsed_s (since this process started training) gives loss vs time."""
         if master:
+            event["elapsed_s"] = round(time.perf_counter() - t_run, 3)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(event) + "\n")
 

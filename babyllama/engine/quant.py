@@ -21,16 +21,20 @@ from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..quant import QuantMatrix, QuantWeights
 from . import PARALLEL_MIN_BYTES, Engine, RunState
-from .kernels import JIT, store_kv
-from .qkernels import (attention_exact, dequantize_row, qmatmul, qswiglu, quantize_activations, rmsnorm_exact,
-                       rope_exact, rope_tables_c)
+from .kernels import JIT
+from .qkernels import (attention_exact, dequantize_row, qmatmul, qmatmul3, qswiglu, quantize_activations, rmsnorm_exact,
+                       rope_exact, rope_tables_c, store_kv_exact)
 
 
 class QuantRunState(RunState):
-    """RunState plus the quantized activations: xq/xs for dim-sized, hq/hs for hidden-sized vectors."""
+    """RunState plus the quantized activations (xq/xs for dim-sized, hq/hs for hidden-sized
+    vectors), with a position-major value cache."""
 
     def __init__(self, cfg: ModelConfig, group_size: int):
         super().__init__(cfg)
+        # values position-major, as runq keeps them: (layer, kv head, position, head_size), so
+        # the attention's weighted sum runs in runq's order and still vectorizes (qkernels.py)
+        self.value_cache = np.zeros((cfg.n_layers, cfg.n_kv_heads, cfg.seq_len, cfg.head_size), np.float32)
         self.xq = np.zeros(cfg.dim, np.int8)
         self.xs = np.zeros(cfg.dim // group_size, np.float32)
         self.hq = np.zeros(cfg.hidden_dim, np.int8)
@@ -127,12 +131,11 @@ def qforward(
             # attention: x -> rmsnorm -> quantize -> q, k, v -> RoPE -> attend -> quantize -> wo
             rmsnorm_exact(xb, x, rms_att[l], eps)  # (dim,)
             quantize_activations(xq, xs, xb, gs)
-            _mm(q, wq, l, xq, xs, gs, bits, parallel)  # (dim,)
-            _mm(k, wk, l, xq, xs, gs, bits, parallel)  # (kv_dim,)
-            _mm(v, wv, l, xq, xs, gs, bits, parallel)  # (kv_dim,)
+            qmatmul3(q, k, v, wq[0], wq[1][l], wq[2][l], wk[0], wk[1][l], wk[2][l], wv[0], wv[1][l], wv[2][l],
+                     xq, xs, gs, bits, parallel)  # (dim,), (kv_dim,), (kv_dim,)
             rope_exact(q, n_heads, head_size, cos, sin)
             rope_exact(k, kv_dim // head_size, head_size, cos, sin)
-            store_kv(key_cache[l], value_cache[l], k, v, pos)
+            store_kv_exact(key_cache[l], value_cache[l], k, v, pos)
             attention_exact(xb, q, key_cache[l], value_cache[l], att, pos, n_heads, parallel)  # (dim,)
             quantize_activations(xq, xs, xb, gs)
             _mm(xb2, wo, l, xq, xs, gs, bits, parallel)  # (dim,)

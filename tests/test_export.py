@@ -14,8 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
 from babyllama import export  # noqa: E402
-from babyllama.checkpoint import Weights, load_checkpoint, tensor_shapes  # noqa: E402
-from babyllama.config import ModelConfig  # noqa: E402
+from babyllama.checkpoint import Weights, load_checkpoint  # noqa: E402
 from babyllama.errors import CheckpointError, TokenizerError  # noqa: E402
 
 

@@ -9,8 +9,6 @@ Nothing here allocates per token: forward writes into the state's buffers and re
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ..checkpoint import Checkpoint, Weights
@@ -23,18 +21,13 @@ PARALLEL_MIN_BYTES = 4 << 20
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of every (position, pair) angle, (seq_len, head_size/2) float32.
+    """cos and sin of every (position, pair) angle, (seq_len, head_size/2) float32, as run.c computes them.
 
-    Computed the way run.c does, in float32: freq = 1 / theta^(2i/head_size), angle = pos * freq,
-    so the rotations match llama2.c's to the last bit wherever the C library's cosf/sinf round
-    correctly. (The tables stored in v0 files are not used by run.c either.)
+    (The tables stored in v0 files are not used by run.c either.)
     """
-    hs = cfg.head_size
-    head_dim = np.arange(0, hs, 2, dtype=np.float32)
-    freq = np.float32(1.0) / np.power(np.float32(cfg.rope_theta), head_dim / np.float32(hs))
-    angle = np.arange(cfg.seq_len, dtype=np.float32)[:, None] * freq[None, :]  # float32 products
-    a64 = angle.astype(np.float64)  # correctly rounded cos/sin of the float32 angle
-    return np.cos(a64).astype(np.float32), np.sin(a64).astype(np.float32)
+    from .kernels import rope_table
+
+    return rope_table(cfg.seq_len, cfg.head_size, np.float32(cfg.rope_theta))
 
 
 class RunState:

@@ -1,6 +1,5 @@
 """The fp32 forward pass: run.c's `forward`, one Numba function from embedding to logits."""
 
-import numpy as np
 from numba import njit
 
 from .kernels import JIT, attention, matmul, rmsnorm, rope, store_kv, swiglu_ffn_up

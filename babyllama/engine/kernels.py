@@ -97,6 +97,24 @@ def softmax(x, n):
         x[i] *= inv
 
 
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def rope_table(seq_len, head_size, theta):
+    """cos/sin (seq_len, head_size/2) of every RoPE angle, computed as run.c does per step.
+
+    float32 powf/cosf/sinf from the C library (Numba calls libm for float32 math): rounding the
+    float64 cos of the same angle differs from glibc's cosf in the last bit for some angles.
+    """
+    cos = np.empty((seq_len, head_size // 2), np.float32)
+    sin = np.empty((seq_len, head_size // 2), np.float32)
+    for i in range(head_size // 2):
+        freq = np.float32(1.0) / np.power(theta, np.float32(2 * i) / np.float32(head_size))
+        for pos in range(seq_len):
+            val = np.float32(pos) * freq
+            cos[pos, i] = np.cos(val)
+            sin[pos, i] = np.sin(val)
+    return cos, sin
+
+
 @njit(**JIT)
 def rope(vec, n_heads, head_size, cos, sin):
     """Rotate each (even, odd) pair of every head by the position's angle (RoPE, Su et al. 2021).

@@ -287,18 +287,3 @@ def rope_exact(vec, n_heads, head_size, cos, sin):
             v1 = vec[base + 2 * i + 1]
             vec[base + 2 * i] = v0 * cos[i] - v1 * sin[i]
             vec[base + 2 * i + 1] = v0 * sin[i] + v1 * cos[i]
-
-
-@njit(**QJIT)
-def rope_tables_c(seq_len, head_size, theta):
-    """cos/sin (seq_len, head_size/2) computed exactly as runq does per step, with the C library's
-    float32 powf/cosf/sinf (Numba calls libm for float32 math), not NumPy's float64 cos."""
-    cos = np.empty((seq_len, head_size // 2), np.float32)
-    sin = np.empty((seq_len, head_size // 2), np.float32)
-    for i in range(head_size // 2):
-        freq = np.float32(1.0) / np.power(np.float32(theta), np.float32(2 * i) / np.float32(head_size))
-        for pos in range(seq_len):
-            val = np.float32(pos) * freq
-            cos[pos, i] = np.cos(val)
-            sin[pos, i] = np.sin(val)
-    return cos, sin

@@ -20,10 +20,10 @@ from numba import njit
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..quant import QuantMatrix, QuantWeights
-from . import PARALLEL_MIN_BYTES, Engine, RunState
+from . import PARALLEL_MIN_BYTES, Engine, RunState, rope_tables
 from .kernels import JIT
 from .qkernels import (attention_exact, dequantize_row, qmatmul, qmatmul3, qswiglu, quantize_activations, rmsnorm_exact,
-                       rope_exact, rope_tables_c, store_kv_exact)
+                       rope_exact, store_kv_exact)
 
 
 class QuantRunState(RunState):
@@ -55,9 +55,7 @@ class QuantEngine(Engine):
         if parallel is None:
             parallel = self.weight_bytes >= PARALLEL_MIN_BYTES
         self.parallel = bool(parallel)
-        # runq computes RoPE angles with float32 powf/cosf/sinf; engine.rope_tables rounds float64
-        # cos/sin, which differs from glibc's cosf in the last bit for some angles
-        self.rope_cos, self.rope_sin = rope_tables_c(cfg.seq_len, cfg.head_size, np.float32(cfg.rope_theta))
+        self.rope_cos, self.rope_sin = rope_tables(cfg)  # float32 libm, as runq computes them
         self._eps = np.float32(cfg.norm_eps)
 
     @classmethod

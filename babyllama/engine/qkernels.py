@@ -27,6 +27,8 @@ Why the matmul loops look the way they do (measured on AVX-512 VNNI, see `babyll
 import numpy as np
 from numba import njit, prange
 
+from ..sampler import softmax_inplace
+
 # No fastmath: runq's float order is part of the format's contract (see the module docstring).
 QJIT = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
 
@@ -208,17 +210,8 @@ def rmsnorm_exact(out, x, weight, eps):
 
 @njit(**QJIT)
 def softmax_exact(x, n):
-    """In-place softmax of x[:n] with libm's expf and a true division, like runq."""
-    max_val = x[0]
-    for i in range(1, n):
-        if x[i] > max_val:
-            max_val = x[i]
-    total = np.float32(0.0)
-    for i in range(n):
-        x[i] = np.exp(x[i] - max_val)
-        total += x[i]
-    for i in range(n):
-        x[i] /= total
+    """In-place softmax of x[:n] with libm's expf and a true division, like runq (the sampler's)."""
+    softmax_inplace(x[:n])
 
 
 @njit(**QJIT)

@@ -398,7 +398,13 @@ def train(tc: TrainConfig, explicit: dict | None = None) -> int:
 
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
-        return _run(tc, ckpt, ckpt_path, out_dir, TokenWindows, dist, device, dtype, rank, world_size, log)
+        code = _run(tc, ckpt, ckpt_path, out_dir, TokenWindows, dist, device, dtype, rank, world_size, log)
+        if dist is not None and code == 0:
+            # no rank may tear down gloo's connections while another still uses them (seen as
+            # "terminate called without an active exception" / SIGABRT in CI); only after a normal
+            # finish, so a failed or interrupted rank cannot leave the others waiting here
+            dist.barrier()
+        return code
     finally:
         if dist is not None and dist.is_initialized():
             dist.destroy_process_group()

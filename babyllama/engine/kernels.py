@@ -115,9 +115,12 @@ def rope_table(seq_len, head_size, theta):
     return cos, sin
 
 
-@njit(**JIT)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def rope(vec, n_heads, head_size, cos, sin):
     """Rotate each (even, odd) pair of every head by the position's angle (RoPE, Su et al. 2021).
+
+    No fastmath: without it LLVM does not fuse the multiply-adds, so the rotation rounds as C's
+    does (the quantized path's bit-exactness with runq depends on it; the cost is negligible).
 
     llama2.c's convention: pairs are interleaved (x[2i], x[2i+1]); cos/sin are (head_size/2,).
     """

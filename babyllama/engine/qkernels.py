@@ -268,15 +268,3 @@ def attention_exact(out, q, key_cache, value_cache, att, pos, n_heads, parallel)
     else:
         for h in range(n_heads):
             _attend_head_exact(out, q, key_cache, value_cache, att[h], pos, h, n_heads)
-
-
-@njit(**QJIT)
-def rope_exact(vec, n_heads, head_size, cos, sin):
-    """kernels.rope without fastmath (no fused multiply-add), as runq rotates."""
-    for h in range(n_heads):
-        base = h * head_size
-        for i in range(head_size // 2):
-            v0 = vec[base + 2 * i]
-            v1 = vec[base + 2 * i + 1]
-            vec[base + 2 * i] = v0 * cos[i] - v1 * sin[i]
-            vec[base + 2 * i + 1] = v0 * sin[i] + v1 * cos[i]

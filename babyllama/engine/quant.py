@@ -20,10 +20,10 @@ from numba import njit
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..quant import QuantMatrix, QuantWeights
-from . import PARALLEL_MIN_BYTES, Engine, RunState, rope_tables
-from .kernels import JIT
+from . import Engine, RunState
+from .kernels import JIT, rope
 from .qkernels import (attention_exact, dequantize_row, qmatmul, qmatmul3, qswiglu, quantize_activations, rmsnorm_exact,
-                       rope_exact, store_kv_exact)
+                       store_kv_exact)
 
 
 class QuantRunState(RunState):
@@ -47,16 +47,10 @@ def _m(q: QuantMatrix) -> tuple:
 
 
 class QuantEngine(Engine):
-    """Inference over group-quantized weights (QuantWeights from a v2/v3 file or from_float)."""
+    """Inference over group-quantized weights (QuantWeights from a v2/v3 file or from_float).
 
-    def __init__(self, cfg: ModelConfig, weights: QuantWeights, parallel: bool | None = None):
-        self.config = cfg
-        self.weights = weights
-        if parallel is None:
-            parallel = self.weight_bytes >= PARALLEL_MIN_BYTES
-        self.parallel = bool(parallel)
-        self.rope_cos, self.rope_sin = rope_tables(cfg)  # float32 libm, as runq computes them
-        self._eps = np.float32(cfg.norm_eps)
+    Construction is Engine's; only the bytes streamed, the run state and the forward differ.
+    """
 
     @classmethod
     def from_checkpoint(cls, ck: Checkpoint, parallel: bool | None = None) -> "QuantEngine":
@@ -131,8 +125,8 @@ def qforward(
             quantize_activations(xq, xs, xb, gs)
             qmatmul3(q, k, v, wq[0], wq[1][l], wq[2][l], wk[0], wk[1][l], wk[2][l], wv[0], wv[1][l], wv[2][l],
                      xq, xs, gs, bits, parallel)  # (dim,), (kv_dim,), (kv_dim,)
-            rope_exact(q, n_heads, head_size, cos, sin)
-            rope_exact(k, kv_dim // head_size, head_size, cos, sin)
+            rope(q, n_heads, head_size, cos, sin)
+            rope(k, kv_dim // head_size, head_size, cos, sin)
             store_kv_exact(key_cache[l], value_cache[l], k, v, pos)
             attention_exact(xb, q, key_cache[l], value_cache[l], att, pos, n_heads, parallel)  # (dim,)
             quantize_activations(xq, xs, xb, gs)

@@ -44,12 +44,11 @@ def generate_ids(engine: Engine, state: RunState, prompt: Sequence[int], steps: 
         raise GenerationError("the prompt must contain at least the BOS token")
     if n > engine.config.seq_len:
         raise GenerationError(f"prompt is {n} tokens, longer than the model's context of {engine.config.seq_len}")
-    forced = min(n - 1, steps)
-    if forced == n - 1 and steps > n - 1:
-        logits = engine.forward(prompt, 0, state)  # logits at position n-1
-    yield from (int(t) for t in prompt[1 : forced + 1])
-    if forced < n - 1 or steps <= n - 1:
+    if steps <= n - 1:  # the step limit falls inside the prompt: run.c prints forced tokens only
+        yield from (int(t) for t in prompt[1 : steps + 1])
         return
+    logits = engine.forward(prompt, 0, state)  # logits at position n-1
+    yield from (int(t) for t in prompt[1:])
     pos = n - 1  # the position whose logits we hold
     while True:
         token = sample(logits)
@@ -122,8 +121,6 @@ class Model:
         """Yield every token after the first (forced prompt tokens, then samples) with its text."""
         cfg = self.config
         tokens = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if len(tokens) > cfg.seq_len:
-            raise GenerationError(f"prompt is {len(tokens)} tokens, longer than the model's context of {cfg.seq_len}")
         steps = resolve_steps(steps, cfg.seq_len)
         sampler = Sampler(cfg.vocab_size, temperature=temperature, topp=topp, seed=seed, topk=topk, minp=minp)
         decoder = StreamDecoder(self.tokenizer)

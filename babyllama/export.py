@@ -369,18 +369,23 @@ def _hf_model_config(folder: Path, c: dict) -> ModelConfig:
     return cfg
 
 
+def _read_json(folder: Path, name: str, expected: str) -> dict:
+    """folder/name parsed as JSON; a missing or broken file is a CheckpointError naming both."""
+    try:
+        return json.loads((folder / name).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no {name} (expected {expected})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder / name}: invalid JSON ({e})") from None
+
+
 def load_hf(folder) -> tuple[ModelConfig, Weights]:
     """Read a LlamaForCausalLM folder: config.json + model.safetensors (or a sharded index)."""
     _safetensors()
     from safetensors import safe_open
 
     folder = Path(folder)
-    try:
-        c = json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder}: no config.json (expected a Hugging Face model folder)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{folder / 'config.json'}: invalid JSON ({e})") from None
+    c = _read_json(folder, "config.json", "a Hugging Face model folder")
     cfg = _hf_model_config(folder, c)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -427,12 +432,7 @@ def load_meta(folder, seq_len: int | None = None) -> tuple[ModelConfig, Weights]
     carries no context length: `seq_len` (default 2048, as llama2.c assumes) fills it in.
     """
     folder = Path(folder)
-    try:
-        params = json.loads((folder / "params.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder}: no params.json (expected a Meta llama folder)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{folder / 'params.json'}: invalid JSON ({e})") from None
+    params = _read_json(folder, "params.json", "a Meta llama folder")
     shards = sorted(folder.glob("consolidated.*.pth"))
     if len(shards) != 1:
         raise CheckpointError(

@@ -29,6 +29,7 @@ import time
 import numpy as np
 from numba import njit
 
+from .engine.ofast import softmax
 from .errors import GenerationError
 
 # ---------------------------------------------------------------------------- RNG
@@ -84,18 +85,9 @@ def sample_argmax(x):
 
 @njit(cache=True)
 def softmax_inplace(x):
-    """x <- softmax(x) in float32, with run.c's operation order (max, exp(x - max), sum, divide)."""
-    n = x.shape[0]
-    max_val = x[0]
-    for i in range(1, n):
-        if x[i] > max_val:
-            max_val = x[i]
-    total = np.float32(0.0)
-    for i in range(n):
-        x[i] = np.exp(x[i] - max_val)
-        total += x[i]
-    for i in range(n):
-        x[i] /= total
+    """x <- softmax(x) in float32, as run.c's softmax() runs when built -Ofast (engine/ofast.py):
+    max, expf(x - max) and their vectorized sum, then x * (1 / sum)."""
+    softmax(x, x.shape[0], False)
 
 
 @njit(cache=True)
@@ -280,8 +272,9 @@ def sample(logits, history, temperature, topp, topk, minp, repetition_penalty, r
     if temp32 == np.float32(0.0):
         return sample_argmax(logits)
 
+    inv_temp = np.float32(1.0) / temp32  # -Ofast turns run.c's logits[i] /= temperature into this
     for i in range(n):
-        logits[i] /= temp32
+        logits[i] *= inv_temp
     softmax_inplace(logits)
     coin = random_f32(rng_state)
 

@@ -1,14 +1,17 @@
 """Numba kernels of the quantized forward: activation quantization, int8/int4 matmuls, and the
-float kernels of runq's forward in runq's exact order.
+float kernels of runq's forward, in the exact operations of runq's -Ofast build.
 
-The math is llama2.c runq's, as its C source reads: activations are quantized per group like the
-weights; each output is the sum over groups of (exact int32 dot product of the group) * w_scale
-* x_scale, accumulated in float32 group after group. Quantization turns a one-ulp difference in
-an activation into a different int8 value now and then, which then shows in the logits: so
-here, unlike the fp32 engine, nothing is compiled with fastmath, and rmsnorm, RoPE, attention
-and softmax have runq-order twins below. The result is bit-identical logits to runq compiled
-with llama2.c's default flags (`make run`: -O3). A -Ofast -march=native runq differs from both
-(rsqrt + Newton for 1/sqrt, x * (127/max) for x / scale, libmvec expf, reordered sums).
+The math is llama2.c runq's: activations are quantized per group like the weights; each output
+is the sum over groups of (exact int32 dot product of the group) * (w_scale * x_scale),
+accumulated in float32 group after group. Quantization turns a one-ulp difference in an
+activation into a different int8 value now and then, which then shows in the logits and, sooner
+or later, in the tokens. So nothing here is compiled with fastmath, and every float step is the
+one gcc -Ofast -march=native makes of runq.c (the build llama2.c recommends and the fixtures
+come from): quantize() multiplies by 127/max and rounds with gcc's inline round, 1/sqrt is
+rsqrtss + Newton, sums and dot products run in the vectorizer's lane order, expf is libmvec's in
+vectorized loops, RoPE's powf becomes expf. ofast.py has the primitives and says why. Result:
+bit-identical logits to that runq build at every position (checked against the C program on
+llama2.c's and babyllama's v2 files, odd dims, GQA and untied classifiers; see the README).
 
 Why the matmul loops look the way they do (measured on AVX-512 VNNI, see `babyllama bench`):
 - Integer sums are exact in any order, so LLVM vectorizes a group's int8 products freely
@@ -27,32 +30,48 @@ Why the matmul loops look the way they do (measured on AVX-512 VNNI, see `babyll
 import numpy as np
 from numba import njit, prange
 
-from ..sampler import softmax_inplace
+from .ofast import (
+    dot,
+    exp8,
+    exp16,
+    f32,
+    fma,
+    inv_sqrt,
+    newton_recip,
+    rcp8,
+    rcp16,
+    softmax,
+)
 
 # No fastmath: runq's float order is part of the format's contract (see the module docstring).
 QJIT = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
 
 
+_INV_127 = np.float32(0.007874015718698502)  # 1/127 in float32, what gcc makes of "/ 127.0f"
+_JUST_BELOW_HALF = np.float32(0.49999997)  # gcc's inline round(): trunc(v + copysign(this, v))
+
+
 @njit(**QJIT)
 def quantize_activations(xq, xs, x, gs):
-    """runq's quantize(): xq (n,) int8, xs (n/gs,) float32 from x (n,) float32.
+    """runq's quantize() as compiled: xq (n,) int8, xs (n/gs,) float32 from x (n,) float32.
 
-    scale = max|x| / 127 per group; q = round(x / scale), rounding halves away from zero like C's
-    round() (in float64, where x/scale + 0.5 is exact). A group of zeros gets scale 0, q = 0.
+    Per group: scale = max|x| * (1/127); q = round(x * (127 / max|x|)), with gcc's inline round
+    (add 0.49999997 with x's sign, truncate; in float32). A group of zeros gets scale 0, q = 0.
     """
     for g in range(x.shape[0] // gs):
         wmax = np.float32(0.0)
         for i in range(g * gs, (g + 1) * gs):
             wmax = max(wmax, abs(x[i]))
-        scale = wmax / np.float32(127.0)
-        xs[g] = scale
-        for i in range(g * gs, (g + 1) * gs):
-            if scale > 0:
-                v = np.float64(x[i] / scale)  # float32 quotient, as runq computes it
-                r = np.floor(abs(v) + 0.5)
-                xq[i] = np.int8(r if v >= 0 else -r)
-            else:
+        xs[g] = wmax * _INV_127
+        if wmax == 0:
+            for i in range(g * gs, (g + 1) * gs):
                 xq[i] = 0
+            continue
+        inv = np.float32(127.0) / wmax
+        for i in range(g * gs, (g + 1) * gs):
+            v = x[i] * inv
+            r = v + (_JUST_BELOW_HALF if v >= 0 else -_JUST_BELOW_HALF)
+            xq[i] = np.int8(np.int32(r))
 
 
 @njit(**QJIT)
@@ -84,6 +103,21 @@ def _group_q8(w, x, o, gs):
     return acc
 
 
+@njit(**QJIT)
+def _row_q8(data, base, xq, xs, scales, sbase, gs):
+    """One output of an int8 matmul: the row's int8 values start at data[base]."""
+    n = xq.shape[0]
+    w = data[base : base + n]
+    val = np.float32(0.0)
+    if gs == 64:  # literal trip count: one fully vectorized block per group
+        for g in range(n // 64):
+            val += np.float32(_group_q8(w, xq, g * 64, 64)) * (scales[sbase + g] * xs[g])
+    else:
+        for g in range(n // gs):
+            val += np.float32(_group_q8(w, xq, g * gs, gs)) * (scales[sbase + g] * xs[g])
+    return val
+
+
 @njit(inline="always", **QJIT)
 def _group_q4(w, x, ob, ox, half):
     """Exact int32 sum over one int4 group: bytes w[ob:ob+half] against x[ox:ox+2*half].
@@ -97,21 +131,6 @@ def _group_q4(w, x, ob, ox, half):
         hi = np.int32(((b >> 4) & 15) - 8)
         acc = np.int32(acc + lo * np.int32(x[np.uint64(ox + j)]) + hi * np.int32(x[np.uint64(ox + half + j)]))
     return acc
-
-
-@njit(**QJIT)
-def _row_q8(data, base, xq, xs, scales, sbase, gs):
-    """One output of an int8 matmul: the row's int8 values start at data[base]."""
-    n = xq.shape[0]
-    w = data[base : base + n]
-    val = np.float32(0.0)
-    if gs == 64:  # literal trip count: one fully vectorized block per group
-        for g in range(n // 64):
-            val += np.float32(_group_q8(w, xq, g * 64, 64)) * scales[sbase + g] * xs[g]
-    else:
-        for g in range(n // gs):
-            val += np.float32(_group_q8(w, xq, g * gs, gs)) * scales[sbase + g] * xs[g]
-    return val
 
 
 @njit(**QJIT)
@@ -176,95 +195,146 @@ def qmatmul3(q, k, v, dq, oq, sq, dk, ok, sk, dv, ov, sv, xq, xs, gs, bits, para
             v[r] = _row(dv, ov, r, xq, xs, sv, gs, bits)
 
 
-@njit(inline="always", **QJIT)
-def _silu_mul(a, b):
-    return a * (np.float32(1.0) / (np.float32(1.0) + np.exp(-a))) * b  # silu(a) * b, as runq
-
-
 @njit(parallel=True, **QJIT)
-def qswiglu(hb, d1, o1, s1, d3, o3, s3, xq, xs, gs, bits, parallel):
-    """hb = silu(W1 @ x) * (W3 @ x), both matrices quantized, one pass over the rows."""
+def qmatmul2(h1, h3, d1, o1, s1, d3, o3, s3, xq, xs, gs, bits, parallel):
+    """h1, h3 = W1 @ x, W3 @ x (SwiGLU's two up-projections) in one parallel loop over the rows.
+
+    The gate is applied afterwards (silu_mul_runq): gcc compiles it differently in each block of
+    16, so it runs over the whole vector rather than fused into the rows.
+    """
     if parallel:
-        for i in prange(hb.shape[0]):
-            hb[i] = _silu_mul(_row(d1, o1, i, xq, xs, s1, gs, bits), _row(d3, o3, i, xq, xs, s3, gs, bits))
+        for i in prange(h1.shape[0]):
+            h1[i] = _row(d1, o1, i, xq, xs, s1, gs, bits)
+            h3[i] = _row(d3, o3, i, xq, xs, s3, gs, bits)
     else:
-        for i in range(hb.shape[0]):
-            hb[i] = _silu_mul(_row(d1, o1, i, xq, xs, s1, gs, bits), _row(d3, o3, i, xq, xs, s3, gs, bits))
+        for i in range(h1.shape[0]):
+            h1[i] = _row(d1, o1, i, xq, xs, s1, gs, bits)
+            h3[i] = _row(d3, o3, i, xq, xs, s3, gs, bits)
 
 
 # ---------------------------------------------------------------------------------------------
-# runq-order float kernels: the same math as kernels.py, in C's evaluation order, no fastmath
-
-@njit(**QJIT)
-def rmsnorm_exact(out, x, weight, eps):
-    """out = weight * (x / sqrt(mean(x^2) + eps)), summing squares left to right like runq."""
-    ss = np.float32(0.0)
-    for j in range(x.shape[0]):
-        ss += x[j] * x[j]
-    ss /= np.float32(x.shape[0])
-    ss += eps
-    ss = np.float32(1.0) / np.sqrt(ss)
-    for j in range(x.shape[0]):
-        out[j] = weight[j] * (ss * x[j])
+# runq's float kernels as gcc -Ofast -march=native compiles them (primitives and loop shapes: ofast.py)
 
 
 @njit(**QJIT)
-def softmax_exact(x, n):
-    """In-place softmax of x[:n] with libm's expf and a true division, like runq (the sampler's)."""
-    softmax_inplace(x[:n])
+def rmsnorm_runq(out, x, weight, eps, in_layer):
+    """runq's rmsnorm: ss = sum(x^2) (vectorized), r = 1/sqrt(ss/n + eps) (rsqrtss + Newton).
 
-
-@njit(**QJIT)
-def _attend_head_exact(out, q, key_cache, value_cache, att, pos, h, n_heads):
-    """One head of runq's attention: each score summed over i in order, then divided by
-    sqrt(head_size); each output sums att[t] * v[t] over t in order.
-
-    key_cache (n_kv_heads, head_size, seq_len) is head-major, so the scores' sums run across
-    positions innermost; value_cache (n_kv_heads, seq_len, head_size) is position-major, as in
-    runq, so the weighted sum runs across dimensions innermost. Both keep runq's summation order
-    and still vectorize (a head-major value cache makes this loop strided and ~20x slower).
+    gcc compiles the two inlined copies differently: inside a layer (in_layer) ss/n + eps is one
+    fused multiply-add with 1/n and the output is (x * w) * r for whole 16-blocks, (r * x) * w
+    after them; the final norm divides, adds, and computes (x * w) * r throughout.
     """
-    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[1]
-    kh = key_cache[h // (n_heads // n_kv_heads)]  # (head_size, seq_len)
-    vh = value_cache[h // (n_heads // n_kv_heads)]  # (seq_len, head_size)
+    n = x.shape[0]
+    ss = dot(x, 0, x, 0, n)
+    if in_layer:
+        ss = fma(ss, f32(1.0) / f32(n), eps)
+    else:
+        ss = ss / f32(n) + eps
+    r = inv_sqrt(ss)
+    vec_end = 16 * (n // 16) if in_layer else n
+    for j in range(vec_end):
+        out[j] = (x[j] * weight[j]) * r
+    for j in range(vec_end, n):
+        out[j] = (r * x[j]) * weight[j]
+
+
+@njit(**QJIT)
+def silu_mul_runq(hb, hb2):
+    """hb = silu(hb) * hb2 in place, runq's SwiGLU loop as compiled: whole 16-blocks get libmvec's
+    expf and rcp14 + Newton for 1 / (1 + e^-x) and compute (inv * x) * x3; an 8-block gets the
+    8-lane expf and rcpps + Newton and computes inv * (x * x3); the tail gets libm's expf and a
+    true division, also inv * (x * x3)."""
+    n = hb.shape[0]
+    t = np.empty(16, np.float32)
+    d = np.empty(16, np.float32)
+    n16 = n // 16
+    for c in range(n16 + 1):
+        base = 16 * c
+        width = 16 if c < n16 else (8 if n - base >= 8 else 0)
+        if width == 0:
+            break
+        for j in range(width):
+            t[j] = -hb[base + j]
+        if width == 16:
+            exp16(t, 0)
+        else:
+            exp8(t, 0)
+        for j in range(width):
+            t[j] = t[j] + f32(1.0)
+            d[j] = t[j]
+        if width == 16:
+            rcp16(t, 0)
+        else:
+            rcp8(t, 0)
+        for j in range(width):
+            inv = newton_recip(t[j], d[j])
+            if width == 16:
+                hb[base + j] = (inv * hb[base + j]) * hb2[base + j]
+            else:
+                hb[base + j] = inv * (hb[base + j] * hb2[base + j])
+    start = 16 * n16 + (8 if n - 16 * n16 >= 8 else 0)
+    for j in range(start, n):
+        inv = f32(1.0) / (np.exp(-hb[j]) + f32(1.0))
+        hb[j] = inv * (hb[j] * hb2[j])
+
+
+@njit(**QJIT)
+def store_kv_runq(key_cache, value_cache, k, v, pos):
+    """Write this position's key and value into one layer's caches, position-major like runq's:
+    (n_kv_heads, seq_len, head_size), so each score is a contiguous dot product in runq's order."""
+    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[2]
+    for g in range(n_kv_heads):
+        for i in range(head_size):
+            key_cache[g, pos, i] = k[g * head_size + i]
+            value_cache[g, pos, i] = v[g * head_size + i]
+
+
+@njit(**QJIT)
+def _attend_head_runq(out, q, key_cache, value_cache, att, pos, h, n_heads, scale):
+    """One head of runq's attention: score_t = dot(q_h, k_t) * (1/sqrt(head_size)), softmax with
+    element 0 peeled, then out_h = sum_t att[t] * v_t with one fused multiply-add per element."""
+    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[2]
+    g = h // (n_heads // n_kv_heads)
+    kh = key_cache[g]  # (seq_len, head_size)
+    vh = value_cache[g]
     n = pos + 1
     for t in range(n):
-        att[t] = 0.0
+        att[t] = dot(q, h * head_size, kh[t], 0, head_size) * scale
+    softmax(att, n, True)
+    o = h * head_size
     for i in range(head_size):
-        qi = q[h * head_size + i]
-        k_i = kh[i]
-        for t in range(n):
-            att[t] += qi * k_i[t]
-    denom = np.sqrt(np.float32(head_size))
-    for t in range(n):
-        att[t] /= denom
-    softmax_exact(att, n)
-    o = out[h * head_size : (h + 1) * head_size]
-    for i in range(head_size):
-        o[i] = 0.0
+        out[o + i] = 0.0
     for t in range(n):
         a = att[t]
         v_t = vh[t]
         for i in range(head_size):
-            o[i] += a * v_t[i]
-
-
-@njit(**QJIT)
-def store_kv_exact(key_cache, value_cache, k, v, pos):
-    """Write this position's key (head-major cache) and value (position-major cache), one layer."""
-    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[1]
-    for g in range(n_kv_heads):
-        for i in range(head_size):
-            key_cache[g, i, pos] = k[g * head_size + i]
-            value_cache[g, pos, i] = v[g * head_size + i]
+            out[o + i] = fma(a, v_t[i], out[o + i])
 
 
 @njit(parallel=True, **QJIT)
-def attention_exact(out, q, key_cache, value_cache, att, pos, n_heads, parallel):
-    """kernels.attention in runq's order (see _attend_head_exact)."""
+def attention_runq(out, q, key_cache, value_cache, att, pos, n_heads, parallel):
+    """Causal attention of one position over a layer's position-major caches (runq's order)."""
+    scale = inv_sqrt(f32(key_cache.shape[2]))  # runq's score /= sqrtf(head_size), as compiled
     if parallel:
         for h in prange(n_heads):
-            _attend_head_exact(out, q, key_cache, value_cache, att[h], pos, h, n_heads)
+            _attend_head_runq(out, q, key_cache, value_cache, att[h], pos, h, n_heads, scale)
     else:
         for h in range(n_heads):
-            _attend_head_exact(out, q, key_cache, value_cache, att[h], pos, h, n_heads)
+            _attend_head_runq(out, q, key_cache, value_cache, att[h], pos, h, n_heads, scale)
+
+
+@njit(**QJIT)
+def rope_table_runq(seq_len, head_size, ln_theta):
+    """cos/sin (seq_len, head_size/2) of runq's RoPE angles as compiled: 1/powf(10000, d/hs)
+    becomes expf(-(d * (1/hs)) * ln_theta), ln_theta the float32 log of 10000 that gcc folds;
+    the angle is freq * pos; then libm's sincosf."""
+    cos = np.empty((seq_len, head_size // 2), np.float32)
+    sin = np.empty((seq_len, head_size // 2), np.float32)
+    inv_hs = f32(1.0) / f32(head_size)
+    for i in range(head_size // 2):
+        freq = np.exp(-(f32(2 * i) * inv_hs) * ln_theta)
+        for pos in range(seq_len):
+            val = freq * f32(pos)
+            cos[pos, i] = np.cos(val)
+            sin[pos, i] = np.sin(val)
+    return cos, sin

@@ -1,0 +1,300 @@
+"""llama2.c's float code as `gcc -Ofast -march=native` compiles it, reproduced bit for bit.
+
+llama2.c is built with -Ofast (its Makefile's `runfast`/`runomp`, and the reference fixtures), and
+that changes the arithmetic, not just the speed. On x86-64 with AVX-512 (gcc 12, znver4 here):
+- Sums and dot products are vectorized: 16 partial sums (one per zmm lane, fused multiply-adds),
+  folded to 8 (high half + low half), then one 8-wide step for a remainder of >= 8, then a fixed
+  tree (`_fold`), then the last < 8 elements one by one.
+- expf in a vectorized loop is glibc's libmvec (`_ZGVeN16v_expf` for 16-lane blocks,
+  `_ZGVdN8v_expf` for an 8-lane block), the scalar libm expf for the tail: three implementations
+  that round differently, so which one an element gets depends on its index.
+- 1/sqrtf(x) is rsqrtss plus one Newton-Raphson step; a vectorized division 1/x is rcp14ps (16
+  lanes) or rcpps (8 lanes) plus a Newton step; x / y with y loop-invariant is x * (1/y).
+- powf(10000, e) is expf(e * ln 10000); a*b+c may be fused into one rounding.
+
+Quantized inference magnifies all of this: an activation one ulp off can round to a different int8
+and shift the logits, so matching runq's tokens takes runq's exact float operations. This module
+holds the primitives (the same hardware instructions and libmvec, called through LLVM) and the
+loop shapes; qkernels.py builds runq's forward from them. Where the CPU lacks AVX-512 or glibc's
+libmvec is missing, the primitives fall back to exact math (correctly rounded division and square
+root, libm's expf): the same algorithm, close to but not bit-identical with an -Ofast build
+(which on such a CPU would compile to different code anyway).
+"""
+
+import ctypes.util
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+OJIT = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
+f32 = np.float32
+
+
+def _host_has_ofast_primitives() -> bool:
+    """AVX-512F for rcp14ps/zmm calls, and libmvec loadable so the JIT can resolve its symbols."""
+    features = llvm.get_host_cpu_features()
+    if not (features.get("avx512f") and features.get("avx2") and features.get("fma")):
+        return False
+    path = ctypes.util.find_library("mvec")
+    if path is None:
+        return False
+    try:
+        llvm.load_library_permanently(path)
+    except RuntimeError:
+        return False
+    return True
+
+
+EXACT_OFAST = _host_has_ofast_primitives()
+
+# ------------------------------------------------------------------------------------------------
+# Primitives. Vector ones work in place on x[i : i + width] (a float32 array).
+
+
+def _vector_intrinsic(width, emit):
+    @intrinsic
+    def vector_op(typingctx, x, i):
+        def codegen(context, builder, signature, args):
+            vt = ir.VectorType(ir.FloatType(), width)
+            arr = context.make_array(signature.args[0])(context, builder, args[0])
+            ptr = builder.bitcast(builder.gep(arr.data, [args[1]]), vt.as_pointer())
+            builder.store(emit(builder, builder.load(ptr, align=4), vt), ptr, align=4)
+            return context.get_dummy_value()
+
+        return types.void(x, i), codegen
+
+    return vector_op
+
+
+def _call(name, extra=()):
+    def emit(builder, v, vt):
+        argtys = [vt] + [a.type for a in extra(vt)] if extra else [vt]
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, argtys), name)
+        return builder.call(fn, [v] + (list(extra(vt)) if extra else []))
+
+    return emit
+
+
+def _rcp14_args(vt):  # passthrough and an all-ones lane mask
+    return (ir.Constant(vt, None), ir.Constant(ir.IntType(16), 0xFFFF))
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c with one rounding (llvm.fma: the instruction where there is one, else exact
+    software)."""
+    if not (a == b == c == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        f = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f, [f, f, f]), "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@intrinsic
+def _rsqrtss_hw(typingctx, x):
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        vt = ir.VectorType(ir.FloatType(), 4)
+        v = builder.insert_element(ir.Constant(vt, None), args[0], ir.Constant(ir.IntType(32), 0))
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]), "llvm.x86.sse.rsqrt.ss")
+        return builder.extract_element(builder.call(fn, [v]), ir.Constant(ir.IntType(32), 0))
+
+    return types.float32(types.float32), codegen
+
+
+@njit(inline="always", **OJIT)
+def _rsqrtss_exact(x):
+    return f32(1.0) / np.sqrt(x)
+
+
+@njit(inline="always", **OJIT)
+def _vexp_exact(x, i, width):
+    for j in range(i, i + width):
+        x[j] = np.exp(x[j])
+
+
+@njit(inline="always", **OJIT)
+def _vrcp_exact(x, i, width):
+    for j in range(i, i + width):
+        x[j] = f32(1.0) / x[j]
+
+
+if EXACT_OFAST:
+    _exp16_hw = _vector_intrinsic(16, _call("_ZGVeN16v_expf"))
+    _exp8_hw = _vector_intrinsic(8, _call("_ZGVdN8v_expf"))
+    _rcp16_hw = _vector_intrinsic(16, _call("llvm.x86.avx512.rcp14.ps.512", _rcp14_args))
+    _rcp8_hw = _vector_intrinsic(8, _call("llvm.x86.avx.rcp.ps.256"))
+
+    @njit(inline="always", **OJIT)
+    def exp16(x, i):
+        _exp16_hw(x, i)
+
+    @njit(inline="always", **OJIT)
+    def exp8(x, i):
+        _exp8_hw(x, i)
+
+    @njit(inline="always", **OJIT)
+    def rcp16(x, i):
+        _rcp16_hw(x, i)
+
+    @njit(inline="always", **OJIT)
+    def rcp8(x, i):
+        _rcp8_hw(x, i)
+
+    @njit(inline="always", **OJIT)
+    def rsqrtss(x):
+        return _rsqrtss_hw(x)
+else:
+
+    @njit(inline="always", **OJIT)
+    def exp16(x, i):
+        _vexp_exact(x, i, 16)
+
+    @njit(inline="always", **OJIT)
+    def exp8(x, i):
+        _vexp_exact(x, i, 8)
+
+    @njit(inline="always", **OJIT)
+    def rcp16(x, i):
+        _vrcp_exact(x, i, 16)
+
+    @njit(inline="always", **OJIT)
+    def rcp8(x, i):
+        _vrcp_exact(x, i, 8)
+
+    @njit(inline="always", **OJIT)
+    def rsqrtss(x):
+        return _rsqrtss_exact(x)
+
+
+@njit(inline="always", **OJIT)
+def inv_sqrt(x):
+    """gcc's 1.0f / sqrtf(x): y = rsqrtss(x), then (y * (x * y) - 3) * (y * -0.5)."""
+    y = rsqrtss(x)
+    return fma(y, x * y, f32(-3.0)) * (y * f32(-0.5))
+
+
+@njit(inline="always", **OJIT)
+def newton_recip(r, d):
+    """One Newton step on an approximate reciprocal r of d, as gcc emits it: (r + r) - r * (r * d)."""
+    return (r + r) - r * (r * d)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reductions in the vectorizer's order. Lane l of the 16-lane accumulator sums elements 16c + l.
+
+
+@njit(inline="always", **OJIT)
+def _fold(v0, v1, v2, v3, v4, v5, v6, v7):
+    """The horizontal sum of an 8-lane vector: lanes i + 4 onto i, then 2 + 0 and 3 + 1, then 1 + 0."""
+    u0 = v4 + v0
+    u1 = v5 + v1
+    u2 = v6 + v2
+    u3 = v7 + v3
+    return (u3 + u1) + (u2 + u0)
+
+
+@njit(inline="always", **OJIT)
+def _dot_lane8(a, ao, b, bo, i, n16, has8):
+    """Lane i of the 8-lane vector a dot product folds to: lanes i + 8 and i of the 16-lane
+    accumulator, plus the 8-wide remainder step."""
+    lo = f32(0.0)
+    hi = f32(0.0)
+    for c in range(n16):
+        lo = fma(a[ao + 16 * c + i], b[bo + 16 * c + i], lo)
+        hi = fma(a[ao + 16 * c + 8 + i], b[bo + 16 * c + 8 + i], hi)
+    v = hi + lo if n16 > 0 else f32(0.0)
+    if has8:
+        v = fma(a[ao + 16 * n16 + i], b[bo + 16 * n16 + i], v)
+    return v
+
+
+@njit(**OJIT)
+def dot(a, ao, b, bo, n):
+    """sum(a[ao:ao+n] * b[bo:bo+n]) in float32, as gcc -Ofast vectorizes `s += a[i] * b[i]`."""
+    n16 = n // 16
+    has8 = n - 16 * n16 >= 8
+    s = _fold(_dot_lane8(a, ao, b, bo, 0, n16, has8), _dot_lane8(a, ao, b, bo, 1, n16, has8),
+              _dot_lane8(a, ao, b, bo, 2, n16, has8), _dot_lane8(a, ao, b, bo, 3, n16, has8),
+              _dot_lane8(a, ao, b, bo, 4, n16, has8), _dot_lane8(a, ao, b, bo, 5, n16, has8),
+              _dot_lane8(a, ao, b, bo, 6, n16, has8), _dot_lane8(a, ao, b, bo, 7, n16, has8))
+    for j in range(16 * n16 + (8 if has8 else 0), n):
+        s = fma(a[ao + j], b[bo + j], s)
+    return s
+
+
+@njit(inline="always", **OJIT)
+def _sum_lane8(x, o, i, n16, has8):
+    lo = f32(0.0)
+    hi = f32(0.0)
+    for c in range(n16):
+        lo += x[o + 16 * c + i]
+        hi += x[o + 16 * c + 8 + i]
+    v = hi + lo if n16 > 0 else f32(0.0)
+    if has8:
+        v += x[o + 16 * n16 + i]
+    return v
+
+
+@njit(**OJIT)
+def vsum(x, o, n, s):
+    """s + sum(x[o:o+n]) as gcc -Ofast vectorizes `s += x[i]` (s joins after the fold)."""
+    n16 = n // 16
+    has8 = n - 16 * n16 >= 8
+    if n16 > 0 or has8:
+        s = s + _fold(_sum_lane8(x, o, 0, n16, has8), _sum_lane8(x, o, 1, n16, has8),
+                      _sum_lane8(x, o, 2, n16, has8), _sum_lane8(x, o, 3, n16, has8),
+                      _sum_lane8(x, o, 4, n16, has8), _sum_lane8(x, o, 5, n16, has8),
+                      _sum_lane8(x, o, 6, n16, has8), _sum_lane8(x, o, 7, n16, has8))
+    for j in range(16 * n16 + (8 if has8 else 0), n):
+        s += x[o + j]
+    return s
+
+
+@njit(**OJIT)
+def vexp_shifted(x, o, n, m):
+    """x[o:o+n] = expf(x - m), each element through the implementation its position gets:
+    libmvec's 16-lane expf for whole blocks of 16, the 8-lane one for a block of 8, libm's after."""
+    for j in range(o, o + n):
+        x[j] = x[j] - m
+    n16 = n // 16
+    for c in range(n16):
+        exp16(x, o + 16 * c)
+    j = o + 16 * n16
+    if o + n - j >= 8:
+        exp8(x, j)
+        j += 8
+    for k in range(j, o + n):
+        x[k] = np.exp(x[k])
+
+
+@njit(**OJIT)
+def softmax(x, n, peel_first):
+    """In-place softmax of x[:n] (run.c's: max, expf(x - max) and their sum, then x * (1 / sum)).
+
+    peel_first: gcc peels element 0 off the exp loop in the attention softmax it inlines into
+    forward() (scalar expf, the vector loop starts at 1), not in the sampler's.
+    """
+    m = x[0]
+    for i in range(1, n):
+        m = max(m, x[i])
+    if peel_first:
+        x[0] = np.exp(x[0] - m)
+        vexp_shifted(x, 1, n - 1, m)
+        total = vsum(x, 1, n - 1, x[0])
+    else:
+        vexp_shifted(x, 0, n, m)
+        total = vsum(x, 0, n, f32(0.0))
+    inv = f32(1.0) / total
+    for i in range(n):
+        x[i] *= inv

@@ -42,6 +42,7 @@ from .ofast import (
     rcp16,
     softmax,
 )
+from .q4kernels import row_q4
 
 # No fastmath: runq's float order is part of the format's contract (see the module docstring).
 QJIT = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
@@ -119,42 +120,11 @@ def _row_q8(data, base, xq, xs, scales, sbase, gs):
 
 
 @njit(inline="always", **QJIT)
-def _group_q4(w, x, ob, ox, half):
-    """Exact int32 sum over one int4 group: bytes w[ob:ob+half] against x[ox:ox+2*half].
-
-    Byte j holds value j (low nibble) and value j + half (high nibble), each stored as q + 8.
-    """
-    acc = np.int32(0)
-    for j in range(half):
-        b = np.int32(w[np.uint64(ob + j)])
-        lo = np.int32((b & 15) - 8)
-        hi = np.int32(((b >> 4) & 15) - 8)
-        acc = np.int32(acc + lo * np.int32(x[np.uint64(ox + j)]) + hi * np.int32(x[np.uint64(ox + half + j)]))
-    return acc
-
-
-@njit(**QJIT)
-def _row_q4(data, base, xq, xs, scales, sbase, gs):
-    """One output of an int4 matmul: the row's packed bytes start at data[base]."""
-    n = xq.shape[0]
-    w = data[base : base + n // 2]
-    half = gs // 2
-    val = np.float32(0.0)
-    if gs == 64:  # literal trip count, as for int8
-        for g in range(n // 64):
-            val += np.float32(_group_q4(w, xq, g * 32, g * 64, 32)) * scales[sbase + g] * xs[g]
-    else:
-        for g in range(n // gs):
-            val += np.float32(_group_q4(w, xq, g * half, g * gs, half)) * scales[sbase + g] * xs[g]
-    return val
-
-
-@njit(inline="always", **QJIT)
 def _row(data, offset, i, xq, xs, scales, gs, bits):
     n = xq.shape[0]
     if bits == 8:
         return _row_q8(data, offset + i * n, xq, xs, scales, i * (n // gs), gs)
-    return _row_q4(data, offset + i * (n // 2), xq, xs, scales, i * (n // gs), gs)
+    return row_q4(data, offset + i * (n // 2), xq, xs, scales, i * (n // gs), gs)  # q4kernels.py
 
 
 @njit(parallel=True, **QJIT)

@@ -9,6 +9,8 @@ Nothing here allocates per token: forward writes into the state's buffers and re
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..checkpoint import Checkpoint, Weights
@@ -21,13 +23,14 @@ PARALLEL_MIN_BYTES = 4 << 20
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of every (position, pair) angle, (seq_len, head_size/2) float32, as run.c computes them.
+    """cos and sin of every (position, pair) angle, (seq_len, head_size/2) float32, as run.c's
+    -Ofast build computes them (kernels.rope_table).
 
     (The tables stored in v0 files are not used by run.c either.)
     """
     from .kernels import rope_table
 
-    return rope_table(cfg.seq_len, cfg.head_size, np.float32(cfg.rope_theta))
+    return rope_table(cfg.seq_len, cfg.head_size, np.float32(math.log(cfg.rope_theta)))
 
 
 class RunState:
@@ -41,12 +44,14 @@ class RunState:
         self.xb = np.zeros(cfg.dim, f32)  # normalized / attention output
         self.xb2 = np.zeros(cfg.dim, f32)  # projection output before the residual add
         self.q = np.zeros(cfg.dim, f32)
-        self.hb = np.zeros(cfg.hidden_dim, f32)  # SwiGLU hidden activations
+        self.hb = np.zeros(cfg.hidden_dim, f32)  # SwiGLU hidden activations (w1 @ x, then gated)
+        self.hb2 = np.zeros(cfg.hidden_dim, f32)  # w3 @ x
         self.att = np.zeros((cfg.n_heads, cfg.seq_len), f32)  # attention scores
         self.k = np.zeros(cfg.kv_dim, f32)  # this position's key and value before caching
         self.v = np.zeros(cfg.kv_dim, f32)
-        # KV cache, head-major and position-minor: (layer, kv head, head_size, position)
-        kv_shape = (cfg.n_layers, cfg.n_kv_heads, cfg.head_size, cfg.seq_len)
+        # KV cache, position-major like llama2.c's: (layer, kv head, position, head_size), so each
+        # attention score is one contiguous dot product summed in run.c's order (kernels.attention)
+        kv_shape = (cfg.n_layers, cfg.n_kv_heads, cfg.seq_len, cfg.head_size)
         self.key_cache = np.zeros(kv_shape, f32)
         self.value_cache = np.zeros(kv_shape, f32)
         self.logits = np.zeros((1, cfg.vocab_size), f32)
@@ -122,7 +127,7 @@ class Engine:
             tokens, pos, out,
             w.token_embedding, w.rms_att, w.wq, w.wk, w.wv, w.wo, w.rms_ffn, w.w1, w.w2, w.w3, w.rms_final, w.wcls,
             state.key_cache, state.value_cache, state.x, state.xb, state.xb2, state.q, state.k, state.v,
-            state.hb, state.att, self.rope_cos, self.rope_sin,
+            state.hb, state.hb2, state.att, self.rope_cos, self.rope_sin,
             self.config.n_heads, self._eps, self.parallel,
         )
         state.pos = pos + tokens.shape[0]

@@ -2,14 +2,14 @@
 
 from numba import njit
 
-from .kernels import JIT, attention, matmul, rmsnorm, rope, store_kv, swiglu_ffn_up
+from .kernels import JIT, attention, matmul, matmul2, rmsnorm, rope, silu_mul, store_kv
 
 
 @njit(**JIT)
 def forward(
     tokens, pos0, logits_out,  # (T,) token ids at positions pos0..pos0+T-1; (T or 1, vocab) output
     token_embedding, rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3, rms_final, wcls,  # weights
-    key_cache, value_cache, x, xb, xb2, q, k, v, hb, att, rope_cos, rope_sin,  # run state
+    key_cache, value_cache, x, xb, xb2, q, k, v, hb, hb2, att, rope_cos, rope_sin,  # run state
     n_heads, eps, parallel,
 ):
     """Feed T tokens through the model, filling the KV cache; write logits.
@@ -30,7 +30,7 @@ def forward(
 
         for l in range(n_layers):
             # attention: x -> rmsnorm -> q, k, v -> RoPE -> attend over the cache -> wo
-            rmsnorm(xb, x, rms_att[l], eps)  # (dim,)
+            rmsnorm(xb, x, rms_att[l], eps, True)  # (dim,)
             matmul(q, wq[l], xb, parallel)  # (dim,)
             matmul(k, wk[l], xb, parallel)  # (kv_dim,)
             matmul(v, wv[l], xb, parallel)  # (kv_dim,)
@@ -43,13 +43,14 @@ def forward(
                 x[i] += xb2[i]  # residual
 
             # feed-forward: x -> rmsnorm -> SwiGLU -> w2
-            rmsnorm(xb, x, rms_ffn[l], eps)  # (dim,)
-            swiglu_ffn_up(hb, w1[l], w3[l], xb, parallel)  # (hidden,)
+            rmsnorm(xb, x, rms_ffn[l], eps, True)  # (dim,)
+            matmul2(hb, hb2, w1[l], w3[l], xb, parallel)  # (hidden,), (hidden,)
+            silu_mul(hb, hb2)  # (hidden,)
             matmul(xb2, w2[l], hb, parallel)  # (dim,)
             for i in range(dim):
                 x[i] += xb2[i]  # residual
 
         if logits_out.shape[0] == tokens.shape[0] or t == tokens.shape[0] - 1:
             row = t if logits_out.shape[0] == tokens.shape[0] else 0
-            rmsnorm(xb, x, rms_final, eps)  # (dim,)
+            rmsnorm(xb, x, rms_final, eps, False)  # (dim,)
             matmul(logits_out[row], wcls, xb, parallel)  # (vocab,)

@@ -204,33 +204,67 @@ def _fold(v0, v1, v2, v3, v4, v5, v6, v7):
     return (u3 + u1) + (u2 + u0)
 
 
-@njit(inline="always", **OJIT)
-def _dot_lane8(a, ao, b, bo, i, n16, has8):
-    """Lane i of the 8-lane vector a dot product folds to: lanes i + 8 and i of the 16-lane
-    accumulator, plus the 8-wide remainder step."""
-    lo = f32(0.0)
-    hi = f32(0.0)
-    for c in range(n16):
-        lo = fma(a[ao + 16 * c + i], b[bo + 16 * c + i], lo)
-        hi = fma(a[ao + 16 * c + 8 + i], b[bo + 16 * c + 8 + i], hi)
-    v = hi + lo if n16 > 0 else f32(0.0)
-    if has8:
-        v = fma(a[ao + 16 * n16 + i], b[bo + 16 * n16 + i], v)
-    return v
+_F32 = ir.FloatType()
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
 
 
-@njit(**OJIT)
-def dot(a, ao, b, bo, n):
-    """sum(a[ao:ao+n] * b[bo:bo+n]) in float32, as gcc -Ofast vectorizes `s += a[i] * b[i]`."""
-    n16 = n // 16
-    has8 = n - 16 * n16 >= 8
-    s = _fold(_dot_lane8(a, ao, b, bo, 0, n16, has8), _dot_lane8(a, ao, b, bo, 1, n16, has8),
-              _dot_lane8(a, ao, b, bo, 2, n16, has8), _dot_lane8(a, ao, b, bo, 3, n16, has8),
-              _dot_lane8(a, ao, b, bo, 4, n16, has8), _dot_lane8(a, ao, b, bo, 5, n16, has8),
-              _dot_lane8(a, ao, b, bo, 6, n16, has8), _dot_lane8(a, ao, b, bo, 7, n16, has8))
-    for j in range(16 * n16 + (8 if has8 else 0), n):
-        s = fma(a[ao + j], b[bo + j], s)
-    return s
+def _fma_fn(module, ty):
+    suffix = f"v{ty.count}f32" if isinstance(ty, ir.VectorType) else "f32"
+    return cgutils.get_or_insert_function(module, ir.FunctionType(ty, [ty, ty, ty]), f"llvm.fma.{suffix}")
+
+
+def _load_vec(builder, base, offset, vt):
+    return builder.load(builder.bitcast(builder.gep(base, [offset]), vt.as_pointer()), align=4)
+
+
+@intrinsic
+def dot(typingctx, a, ao, b, bo, n):
+    """sum(a.flat[ao:ao+n] * b.flat[bo:bo+n]) in float32, as gcc -Ofast vectorizes `s += a[i] * b[i]`:
+    a 16-lane accumulator of fused multiply-adds, its high half added onto its low half, one
+    8-lane step for a remainder of >= 8, `_fold`'s tree, then the last < 8 one by one.
+
+    Written in LLVM IR with vector types because that order has to be exact and fast at once:
+    Numba leaves LLVM's SLP vectorizer off, so scalar code would stay scalar, and the loop
+    vectorizer would only vectorize the sum by reordering it. a, b: C-contiguous float32 arrays
+    of any shape, addressed by flat offsets.
+    """
+    if not (isinstance(a, types.Array) and isinstance(b, types.Array) and a.dtype == b.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v16, v8 = ir.VectorType(_F32, 16), ir.VectorType(_F32, 8)
+        ao_, bo_, n_ = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (1, 3, 4))
+        pa = builder.gep(context.make_array(signature.args[0])(context, builder, args[0]).data, [ao_])
+        pb = builder.gep(context.make_array(signature.args[2])(context, builder, args[2]).data, [bo_])
+        acc = cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16))
+        n16 = builder.sdiv(n_, ir.Constant(_I64, 16))
+        with cgutils.for_range(builder, n16) as loop:
+            off = builder.mul(loop.index, ir.Constant(_I64, 16))
+            prod = [_load_vec(builder, pa, off, v16), _load_vec(builder, pb, off, v16), builder.load(acc)]
+            builder.store(builder.call(_fma_fn(builder.module, v16), prod), acc)
+        lanes = builder.load(acc)
+        lo = builder.shuffle_vector(lanes, lanes, ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
+        hi = builder.shuffle_vector(lanes, lanes, ir.Constant(ir.VectorType(_I32, 8), list(range(8, 16))))
+        acc8 = cgutils.alloca_once_value(builder, builder.fadd(hi, lo))
+        done = cgutils.alloca_once_value(builder, builder.mul(n16, ir.Constant(_I64, 16)))
+        with builder.if_then(builder.icmp_signed(">=", builder.sub(n_, builder.load(done)), ir.Constant(_I64, 8))):
+            off = builder.load(done)
+            prod = [_load_vec(builder, pa, off, v8), _load_vec(builder, pb, off, v8), builder.load(acc8)]
+            builder.store(builder.call(_fma_fn(builder.module, v8), prod), acc8)
+            builder.store(builder.add(off, ir.Constant(_I64, 8)), done)
+        v = builder.load(acc8)
+        e = [builder.extract_element(v, ir.Constant(_I32, i)) for i in range(8)]
+        u = [builder.fadd(e[i + 4], e[i]) for i in range(4)]  # _fold, in IR
+        s = cgutils.alloca_once_value(builder, builder.fadd(builder.fadd(u[3], u[1]), builder.fadd(u[2], u[0])))
+        start = builder.load(done)
+        with cgutils.for_range(builder, builder.sub(n_, start)) as loop:
+            m = builder.add(start, loop.index)
+            term = [builder.load(builder.gep(pa, [m])), builder.load(builder.gep(pb, [m])), builder.load(s)]
+            builder.store(builder.call(_fma_fn(builder.module, _F32), term), s)
+        return builder.load(s)
+
+    return types.float32(a, ao, b, bo, n), codegen
 
 
 @njit(inline="always", **OJIT)

@@ -1,5 +1,6 @@
-"""Numba kernels of the quantized forward: activation quantization, int8/int4 matmuls, and the
-float kernels of runq's forward, in the exact operations of runq's -Ofast build.
+"""Numba kernels of the quantized forward: activation quantization and the int8/int4 matmuls, in
+the exact operations of runq's -Ofast build (the float kernels runq shares with run.c, rmsnorm,
+RoPE, attention and the SwiGLU gate, are kernels.py's).
 
 The math is llama2.c runq's: activations are quantized per group like the weights; each output
 is the sum over groups of (exact int32 dot product of the group) * (w_scale * x_scale),
@@ -30,18 +31,6 @@ Why the matmul loops look the way they do (measured on AVX-512 VNNI, see `babyll
 import numpy as np
 from numba import njit, prange
 
-from .ofast import (
-    dot,
-    exp8,
-    exp16,
-    f32,
-    fma,
-    inv_sqrt,
-    newton_recip,
-    rcp8,
-    rcp16,
-    softmax,
-)
 from .q4kernels import row_q4
 
 # No fastmath: runq's float order is part of the format's contract (see the module docstring).
@@ -169,7 +158,7 @@ def qmatmul3(q, k, v, dq, oq, sq, dk, ok, sk, dv, ov, sv, xq, xs, gs, bits, para
 def qmatmul2(h1, h3, d1, o1, s1, d3, o3, s3, xq, xs, gs, bits, parallel):
     """h1, h3 = W1 @ x, W3 @ x (SwiGLU's two up-projections) in one parallel loop over the rows.
 
-    The gate is applied afterwards (silu_mul_runq): gcc compiles it differently in each block of
+    The gate is applied afterwards (kernels.silu_mul): gcc compiles it differently in each block of
     16, so it runs over the whole vector rather than fused into the rows.
     """
     if parallel:
@@ -180,131 +169,3 @@ def qmatmul2(h1, h3, d1, o1, s1, d3, o3, s3, xq, xs, gs, bits, parallel):
         for i in range(h1.shape[0]):
             h1[i] = _row(d1, o1, i, xq, xs, s1, gs, bits)
             h3[i] = _row(d3, o3, i, xq, xs, s3, gs, bits)
-
-
-# ---------------------------------------------------------------------------------------------
-# runq's float kernels as gcc -Ofast -march=native compiles them (primitives and loop shapes: ofast.py)
-
-
-@njit(**QJIT)
-def rmsnorm_runq(out, x, weight, eps, in_layer):
-    """runq's rmsnorm: ss = sum(x^2) (vectorized), r = 1/sqrt(ss/n + eps) (rsqrtss + Newton).
-
-    gcc compiles the two inlined copies differently: inside a layer (in_layer) ss/n + eps is one
-    fused multiply-add with 1/n and the output is (x * w) * r for whole 16-blocks, (r * x) * w
-    after them; the final norm divides, adds, and computes (x * w) * r throughout.
-    """
-    n = x.shape[0]
-    ss = dot(x, 0, x, 0, n)
-    if in_layer:
-        ss = fma(ss, f32(1.0) / f32(n), eps)
-    else:
-        ss = ss / f32(n) + eps
-    r = inv_sqrt(ss)
-    vec_end = 16 * (n // 16) if in_layer else n
-    for j in range(vec_end):
-        out[j] = (x[j] * weight[j]) * r
-    for j in range(vec_end, n):
-        out[j] = (r * x[j]) * weight[j]
-
-
-@njit(**QJIT)
-def silu_mul_runq(hb, hb2):
-    """hb = silu(hb) * hb2 in place, runq's SwiGLU loop as compiled: whole 16-blocks get libmvec's
-    expf and rcp14 + Newton for 1 / (1 + e^-x) and compute (inv * x) * x3; an 8-block gets the
-    8-lane expf and rcpps + Newton and computes inv * (x * x3); the tail gets libm's expf and a
-    true division, also inv * (x * x3)."""
-    n = hb.shape[0]
-    t = np.empty(16, np.float32)
-    d = np.empty(16, np.float32)
-    n16 = n // 16
-    for c in range(n16 + 1):
-        base = 16 * c
-        width = 16 if c < n16 else (8 if n - base >= 8 else 0)
-        if width == 0:
-            break
-        for j in range(width):
-            t[j] = -hb[base + j]
-        if width == 16:
-            exp16(t, 0)
-        else:
-            exp8(t, 0)
-        for j in range(width):
-            t[j] = t[j] + f32(1.0)
-            d[j] = t[j]
-        if width == 16:
-            rcp16(t, 0)
-        else:
-            rcp8(t, 0)
-        for j in range(width):
-            inv = newton_recip(t[j], d[j])
-            if width == 16:
-                hb[base + j] = (inv * hb[base + j]) * hb2[base + j]
-            else:
-                hb[base + j] = inv * (hb[base + j] * hb2[base + j])
-    start = 16 * n16 + (8 if n - 16 * n16 >= 8 else 0)
-    for j in range(start, n):
-        inv = f32(1.0) / (np.exp(-hb[j]) + f32(1.0))
-        hb[j] = inv * (hb[j] * hb2[j])
-
-
-@njit(**QJIT)
-def store_kv_runq(key_cache, value_cache, k, v, pos):
-    """Write this position's key and value into one layer's caches, position-major like runq's:
-    (n_kv_heads, seq_len, head_size), so each score is a contiguous dot product in runq's order."""
-    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[2]
-    for g in range(n_kv_heads):
-        for i in range(head_size):
-            key_cache[g, pos, i] = k[g * head_size + i]
-            value_cache[g, pos, i] = v[g * head_size + i]
-
-
-@njit(**QJIT)
-def _attend_head_runq(out, q, key_cache, value_cache, att, pos, h, n_heads, scale):
-    """One head of runq's attention: score_t = dot(q_h, k_t) * (1/sqrt(head_size)), softmax with
-    element 0 peeled, then out_h = sum_t att[t] * v_t with one fused multiply-add per element."""
-    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[2]
-    g = h // (n_heads // n_kv_heads)
-    kh = key_cache[g]  # (seq_len, head_size)
-    vh = value_cache[g]
-    n = pos + 1
-    for t in range(n):
-        att[t] = dot(q, h * head_size, kh[t], 0, head_size) * scale
-    softmax(att, n, True)
-    o = h * head_size
-    for i in range(head_size):
-        out[o + i] = 0.0
-    for t in range(n):
-        a = att[t]
-        v_t = vh[t]
-        for i in range(head_size):
-            out[o + i] = fma(a, v_t[i], out[o + i])
-
-
-@njit(parallel=True, **QJIT)
-def attention_runq(out, q, key_cache, value_cache, att, pos, n_heads, parallel):
-    """Causal attention of one position over a layer's position-major caches (runq's order)."""
-    scale = inv_sqrt(f32(key_cache.shape[2]))  # runq's score /= sqrtf(head_size), as compiled
-    if parallel:
-        for h in prange(n_heads):
-            _attend_head_runq(out, q, key_cache, value_cache, att[h], pos, h, n_heads, scale)
-    else:
-        for h in range(n_heads):
-            _attend_head_runq(out, q, key_cache, value_cache, att[h], pos, h, n_heads, scale)
-
-
-@njit(**QJIT)
-def rope_table_runq(seq_len, head_size, ln_theta):
-    """cos/sin (seq_len, head_size/2) of runq's RoPE angles as compiled: 1/powf(10000, d/hs)
-    becomes expf(-(d * (1/hs)) * ln_theta), ln_theta the float32 log of 10000 that gcc folds;
-    the angle is freq * pos; then libm's sincosf."""
-    cos = np.empty((seq_len, head_size // 2), np.float32)
-    sin = np.empty((seq_len, head_size // 2), np.float32)
-    inv_hs = f32(1.0) / f32(head_size)
-    for i in range(head_size // 2):
-        freq = np.exp(-(f32(2 * i) * inv_hs) * ln_theta)
-        for pos in range(seq_len):
-            val = freq * f32(pos)
-            cos[pos, i] = np.cos(val)
-            sin[pos, i] = np.sin(val)
-    return cos, sin

@@ -8,14 +8,12 @@ runq's: the residual stream, norms, RoPE and attention stay float32; before ever
 activation vector is quantized per group to int8, and the matmul sums exact int32 group dot
 products scaled by the weight and activation scales. The token embedding row is dequantized per
 token (runq dequantizes the whole table at load: the same float32 values, without the
-vocab x dim copy). The float kernels are the operations gcc -Ofast -march=native makes of runq's
-C (qkernels.py and ofast.py say why), so a v2 file gives that runq's logits bit for bit, and its
-tokens for the same flags and seed.
+vocab x dim copy). The float kernels are the fp32 engine's: the operations gcc -Ofast
+-march=native makes of llama2.c's C (kernels.py and ofast.py say why), so a v2 file gives that
+runq's logits bit for bit, and its tokens for the same flags and seed.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from numba import njit
@@ -24,33 +22,16 @@ from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..quant import QuantMatrix, QuantWeights
 from . import Engine, RunState
-from .kernels import JIT, rope
-from .qkernels import (
-    attention_runq,
-    dequantize_row,
-    qmatmul,
-    qmatmul2,
-    qmatmul3,
-    quantize_activations,
-    rmsnorm_runq,
-    rope_table_runq,
-    silu_mul_runq,
-    store_kv_runq,
-)
+from .kernels import JIT, attention, rmsnorm, rope, silu_mul, store_kv
+from .qkernels import dequantize_row, qmatmul, qmatmul2, qmatmul3, quantize_activations
 
 
 class QuantRunState(RunState):
     """RunState plus the quantized activations (xq/xs for dim-sized, hq/hs for hidden-sized
-    vectors), with a position-major value cache."""
+    vectors)."""
 
     def __init__(self, cfg: ModelConfig, group_size: int):
         super().__init__(cfg)
-        # values position-major, as runq keeps them: (layer, kv head, position, head_size), so
-        # the attention's weighted sum runs in runq's order and still vectorizes (qkernels.py)
-        kv_shape = (cfg.n_layers, cfg.n_kv_heads, cfg.seq_len, cfg.head_size)
-        self.key_cache = np.zeros(kv_shape, np.float32)
-        self.value_cache = np.zeros(kv_shape, np.float32)
-        self.hb2 = np.zeros(cfg.hidden_dim, np.float32)
         self.xq = np.zeros(cfg.dim, np.int8)
         self.xs = np.zeros(cfg.dim // group_size, np.float32)
         self.hq = np.zeros(cfg.hidden_dim, np.int8)
@@ -65,14 +46,8 @@ def _m(q: QuantMatrix) -> tuple:
 class QuantEngine(Engine):
     """Inference over group-quantized weights (QuantWeights from a v2/v3 file or from_float).
 
-    Construction is Engine's; the bytes streamed, the run state, the RoPE table and the forward
-    differ.
+    Construction is Engine's; only the bytes streamed, the run state and the forward differ.
     """
-
-    def __init__(self, cfg: ModelConfig, weights: QuantWeights, parallel: bool | None = None):
-        super().__init__(cfg, weights, parallel)
-        # runq's angles as its -Ofast build computes them (qkernels.rope_table_runq)
-        self.rope_cos, self.rope_sin = rope_table_runq(cfg.seq_len, cfg.head_size, np.float32(math.log(cfg.rope_theta)))
 
     @classmethod
     def from_checkpoint(cls, ck: Checkpoint, parallel: bool | None = None) -> "QuantEngine":
@@ -143,24 +118,24 @@ def qforward(
 
         for l in range(n_layers):
             # attention: x -> rmsnorm -> quantize -> q, k, v -> RoPE -> attend -> quantize -> wo
-            rmsnorm_runq(xb, x, rms_att[l], eps, True)  # (dim,)
+            rmsnorm(xb, x, rms_att[l], eps, True)  # (dim,)
             quantize_activations(xq, xs, xb, gs)
             qmatmul3(q, k, v, wq[0], wq[1][l], wq[2][l], wk[0], wk[1][l], wk[2][l], wv[0], wv[1][l], wv[2][l],
                      xq, xs, gs, bits, parallel)  # (dim,), (kv_dim,), (kv_dim,)
             rope(q, n_heads, head_size, cos, sin)
             rope(k, kv_dim // head_size, head_size, cos, sin)
-            store_kv_runq(key_cache[l], value_cache[l], k, v, pos)
-            attention_runq(xb, q, key_cache[l], value_cache[l], att, pos, n_heads, parallel)  # (dim,)
+            store_kv(key_cache[l], value_cache[l], k, v, pos)
+            attention(xb, q, key_cache[l], value_cache[l], att, pos, n_heads, parallel)  # (dim,)
             quantize_activations(xq, xs, xb, gs)
             _mm(xb2, wo, l, xq, xs, gs, bits, parallel)  # (dim,)
             for i in range(dim):
                 x[i] += xb2[i]  # residual
 
             # feed-forward: x -> rmsnorm -> quantize -> SwiGLU -> quantize -> w2
-            rmsnorm_runq(xb, x, rms_ffn[l], eps, True)  # (dim,)
+            rmsnorm(xb, x, rms_ffn[l], eps, True)  # (dim,)
             quantize_activations(xq, xs, xb, gs)
             qmatmul2(hb, hb2, w1[0], w1[1][l], w1[2][l], w3[0], w3[1][l], w3[2][l], xq, xs, gs, bits, parallel)
-            silu_mul_runq(hb, hb2)  # (hidden,)
+            silu_mul(hb, hb2)  # (hidden,)
             quantize_activations(hq, hs, hb, gs)
             _mm(xb2, w2, l, hq, hs, gs, bits, parallel)  # (dim,)
             for i in range(dim):
@@ -168,6 +143,6 @@ def qforward(
 
         if logits_out.shape[0] == tokens.shape[0] or t == tokens.shape[0] - 1:
             row = t if logits_out.shape[0] == tokens.shape[0] else 0
-            rmsnorm_runq(xb, x, rms_final, eps, False)  # (dim,) (runq normalizes x in place; same values)
+            rmsnorm(xb, x, rms_final, eps, False)  # (dim,) (runq normalizes x in place; same values)
             quantize_activations(xq, xs, xb, gs)
             _mm(logits_out[row], wcls, 0, xq, xs, gs, bits, parallel)  # (vocab,)

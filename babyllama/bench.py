@@ -4,12 +4,16 @@
     babyllama bench --shape 110M                   # random weights of a llama2.c model's shape
     babyllama bench model.bin --ppl story.txt      # + perplexity on a text
     babyllama bench --shape 110M --quantize 8,4    # fp32 next to int8 and int4 copies, one run
+    babyllama bench --shape 110M --peer ./run      # next to llama2.c's own `run` binary
 
 Decode speed is single-stream greedy decoding from BOS, best of --repeats runs (a shared machine
 is noisy: the best run is the one least disturbed). GB/s is weights streamed per second: every
 decode step reads every weight once, so this is the number to compare with memory bandwidth.
 Time to first token is measured in a fresh process, from its start to the first sampled token:
 "cold" with an empty compile cache (the first-ever run), "warm" with the cache it left.
+--peer times a llama2.c `run` binary (which the project does not ship: build it from llama2.c's
+run.c) on each v0 model, greedy from BOS with the same steps and threads, its runs interleaved
+with ours so both see the same machine; it reports run.c's own "achieved tok/s".
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -67,6 +72,16 @@ def random_model(cfg: ModelConfig, path: Path, seed: int = 0) -> Path:
     return path
 
 
+def placeholder_tokenizer(vocab_size: int):
+    """A tokenizer of vocab_size pieces for random models: <unk> <s> </s>, the 256 byte tokens
+    (when they fit), then "t<id>" pieces; only its size and printable pieces matter."""
+    from .tokenizer import Tokenizer
+
+    pieces = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{b:02X}>".encode() for b in range(256)]
+    pieces = pieces[:vocab_size] + [f"t{i}".encode() for i in range(len(pieces), vocab_size)]
+    return Tokenizer(pieces, np.zeros(vocab_size, np.float32))
+
+
 def decode_speed(engine, steps: int, repeats: int) -> tuple[float, float]:
     """(best tok/s, mean tok/s) of greedy decoding `steps` positions from BOS, after a warm-up."""
     from .generate import generate_ids
@@ -85,6 +100,20 @@ def decode_speed(engine, steps: int, repeats: int) -> tuple[float, float]:
             n += 1
         rates.append(n / (time.perf_counter() - t0))
     return max(rates), sum(rates) / len(rates)
+
+
+def peer_speed(binary: str, model_path: Path, tokenizer: Path, steps: int, threads: int) -> float:
+    """tok/s that a llama2.c `run` binary reports (stderr "achieved tok/s") decoding greedily."""
+    cmd = [binary, str(model_path), "-z", str(tokenizer), "-n", str(steps), "-s", "42", "-t", "0"]
+    try:
+        out = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(threads)), capture_output=True, text=True)
+    except OSError as e:
+        raise BabyLlamaError(f"--peer {binary}: cannot run it ({e.strerror})") from None
+    found = re.search(r"achieved tok/s: ([0-9.]+)", out.stderr)
+    if out.returncode != 0 or not found:
+        raise BabyLlamaError(f"--peer {binary}: no 'achieved tok/s' on its stderr (exit {out.returncode}): "
+                             f"{out.stderr.strip()[-200:]!r}")
+    return float(found.group(1))
 
 
 def perplexity(model, text: str, max_tokens: int) -> tuple[float, int]:
@@ -148,7 +177,22 @@ def bench_one(model_path: Path, label: str, args) -> dict:
     ck = load_checkpoint(model_path)
     engine = engine_for(ck, parallel=args.parallel)
     steps = min(args.steps, ck.config.seq_len)
-    best, mean = decode_speed(engine, steps, args.repeats)
+    peers = args.peer if ck.version == 0 else []  # run.c reads only the v0 format
+    if peers:  # one run of ours, then one of each peer, and again: the same machine state for all
+        from numba import get_num_threads
+
+        from .generate import find_tokenizer
+
+        tokenizer = find_tokenizer(model_path, args.tokenizer)
+        threads = get_num_threads() if engine.parallel else 1
+        ours, theirs = [], {p: [] for p in peers}
+        for _ in range(args.repeats):
+            ours.append(decode_speed(engine, steps, 1)[0])
+            for p in peers:
+                theirs[p].append(peer_speed(p, model_path, tokenizer, steps, threads))
+        best, mean = max(ours), sum(ours) / len(ours)
+    else:
+        best, mean = decode_speed(engine, steps, args.repeats)
     row = {
         "model": label,
         "format": f"v{ck.version}" + (f" gs{ck.group_size}" if ck.group_size else ""),
@@ -160,6 +204,10 @@ def bench_one(model_path: Path, label: str, args) -> dict:
         "tok_s_mean": round(mean, 1),
         "gb_s": round(best * engine.weight_bytes / 1e9, 1),
     }
+    for p in peers:
+        name = Path(p).name
+        row[f"{name}_tok_s"] = round(max(theirs[p]), 1)
+        row[f"vs_{name}"] = round(best / max(theirs[p]), 2)  # ours / theirs
     if args.ttft:
         with tempfile.TemporaryDirectory() as cache:
             cold, _ = first_token_probe(model_path, 2, cache)
@@ -214,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("models", nargs="*", type=Path, help="model .bin files (any supported format)")
     p.add_argument("--shape", action="append", choices=list(SHAPES), default=[],
                    help="also time a random-weight model of this llama2.c shape (repeatable)")
-    p.add_argument("-z", dest="tokenizer", help="tokenizer for --ppl (default: beside the model)")
+    p.add_argument("-z", dest="tokenizer", help="tokenizer for --ppl and --peer (default: beside the model)")
     p.add_argument("--steps", type=int, default=256, help="positions to decode per run (default 256)")
     p.add_argument("--repeats", type=int, default=3, help="runs per model; the best is reported (default 3)")
     p.add_argument("--no-ttft", dest="ttft", action="store_false", help="skip the fresh-process first-token runs")
@@ -225,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", dest="parallel", action="store_const", const=True, help="force the thread pool")
     p.add_argument("--quantize", metavar="BITS", default="",
                    help="also time int8/int4 copies of each fp32 model, e.g. 8,4 (written to a temp dir)")
+    p.add_argument("--peer", metavar="RUN", action="append", default=[],
+                   help="also time this llama2.c `run` binary on each v0 model, interleaved with ours (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     args = p.parse_args(argv)
     if not args.models and not args.shape:
@@ -236,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [(m, m.name) for m in args.models]
         for shape in args.shape:
             print(f"writing a random {shape} model...", file=sys.stderr)
-            jobs.append((random_model(SHAPES[shape], Path(tmp) / f"{shape}.bin"), f"random {shape}"))
+            folder = Path(tmp) / shape
+            folder.mkdir()
+            if args.peer:  # run.c needs a tokenizer.bin of the model's vocabulary size beside it
+                placeholder_tokenizer(SHAPES[shape].vocab_size).save(folder / "tokenizer.bin")
+            jobs.append((random_model(SHAPES[shape], folder / f"{shape}.bin"), f"random {shape}"))
         if args.quantize:
             if args.ppl and args.tokenizer is None and args.models:  # the copies live in tmp: keep the original's
                 from .generate import find_tokenizer

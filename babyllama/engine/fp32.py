@@ -2,7 +2,7 @@
 
 from numba import njit
 
-from .kernels import JIT, attention, matmul, matmul2, rmsnorm, rope, silu_mul, store_kv
+from .kernels import JIT, attention, matmul, matmul2, matmul3, rmsnorm, rope, silu_mul, store_kv
 
 
 @njit(**JIT)
@@ -31,9 +31,7 @@ def forward(
         for l in range(n_layers):
             # attention: x -> rmsnorm -> q, k, v -> RoPE -> attend over the cache -> wo
             rmsnorm(xb, x, rms_att[l], eps, True)  # (dim,)
-            matmul(q, wq[l], xb, parallel)  # (dim,)
-            matmul(k, wk[l], xb, parallel)  # (kv_dim,)
-            matmul(v, wv[l], xb, parallel)  # (kv_dim,)
+            matmul3(q, k, v, wq[l], wk[l], wv[l], xb, parallel)  # (dim,), (kv_dim,), (kv_dim,)
             rope(q, n_heads, head_size, cos, sin)
             rope(k, kv_dim // head_size, head_size, cos, sin)
             store_kv(key_cache[l], value_cache[l], k, v, pos)

@@ -47,13 +47,13 @@ class RunState:
         self.hb = np.zeros(cfg.hidden_dim, f32)  # SwiGLU hidden activations (w1 @ x, then gated)
         self.hb2 = np.zeros(cfg.hidden_dim, f32)  # w3 @ x
         self.att = np.zeros((cfg.n_heads, cfg.seq_len), f32)  # attention scores
+        self.att_lanes = np.zeros((cfg.n_heads, 16, cfg.seq_len), f32)  # their 16-lane partial sums
         self.k = np.zeros(cfg.kv_dim, f32)  # this position's key and value before caching
         self.v = np.zeros(cfg.kv_dim, f32)
-        # KV cache, position-major like llama2.c's: (layer, kv head, position, head_size), so each
-        # attention score is one contiguous dot product summed in run.c's order (kernels.attention)
-        kv_shape = (cfg.n_layers, cfg.n_kv_heads, cfg.seq_len, cfg.head_size)
-        self.key_cache = np.zeros(kv_shape, f32)
-        self.value_cache = np.zeros(kv_shape, f32)
+        # KV cache: keys (layer, kv head, head_size, position), values (layer, kv head, position,
+        # head_size); kernels.store_kv says why
+        self.key_cache = np.zeros((cfg.n_layers, cfg.n_kv_heads, cfg.head_size, cfg.seq_len), f32)
+        self.value_cache = np.zeros((cfg.n_layers, cfg.n_kv_heads, cfg.seq_len, cfg.head_size), f32)
         self.logits = np.zeros((1, cfg.vocab_size), f32)
 
     @property
@@ -127,7 +127,7 @@ class Engine:
             tokens, pos, out,
             w.token_embedding, w.rms_att, w.wq, w.wk, w.wv, w.wo, w.rms_ffn, w.w1, w.w2, w.w3, w.rms_final, w.wcls,
             state.key_cache, state.value_cache, state.x, state.xb, state.xb2, state.q, state.k, state.v,
-            state.hb, state.hb2, state.att, self.rope_cos, self.rope_sin,
+            state.hb, state.hb2, state.att, state.att_lanes, self.rope_cos, self.rope_sin,
             self.config.n_heads, self._eps, self.parallel,
         )
         state.pos = pos + tokens.shape[0]

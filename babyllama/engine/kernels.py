@@ -164,50 +164,136 @@ def silu_mul(hb, hb2):
 
 @njit(**JIT)
 def store_kv(key_cache, value_cache, k, v, pos):
-    """Write this position's key and value into one layer's caches, position-major like llama2.c's:
-    (n_kv_heads, seq_len, head_size), so each score is a contiguous dot product in its order."""
-    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[2]
+    """Write this position's key and value into one layer's caches: keys head-major
+    (n_kv_heads, head_size, seq_len), values position-major (n_kv_heads, seq_len, head_size).
+
+    Each layout makes its half of the attention a contiguous loop that keeps llama2.c's order:
+    the scores vectorize across positions, the weighted sum across the head's dimensions.
+    """
+    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[1]
     for g in range(n_kv_heads):
         for i in range(head_size):
-            key_cache[g, pos, i] = k[g * head_size + i]
+            key_cache[g, i, pos] = k[g * head_size + i]
             value_cache[g, pos, i] = v[g * head_size + i]
 
 
 @njit(**JIT)
-def _attend_head(out, q, key_cache, value_cache, att, pos, h, n_heads, scale):
-    """One head of llama2.c's attention: score_t = dot(q_h, k_t) * (1/sqrt(head_size)), softmax with
-    element 0 peeled, then out_h = sum_t att[t] * v_t with one fused multiply-add per element."""
-    n_kv_heads, seq_len, head_size = key_cache.shape
-    kv = (h // (n_heads // n_kv_heads)) * seq_len * head_size  # flat offset of this head's cache
+def _scores(att, lanes, q, qo, kh, n):
+    """att[t] = dot(q[qo:qo+hs], k_t) for t < n, in ofast.dot's order, for all t at once.
+
+    kh: (head_size, seq_len), one kv head's keys. lanes: (16, seq_len) scratch holding the
+    16-lane accumulator of every position (lane l sums dims 16c + l), so every step is a loop
+    over positions that vectorizes, and each position still gets exactly gcc's sum.
+    """
+    head_size = kh.shape[0]
+    n16 = head_size // 16
+    j = 16 * n16
+    has8 = head_size - j >= 8
+    if n16 == 0:  # small heads (stories260K: 8): no 16-lane block, one pass over the positions
+        if has8:
+            q0, q1, q2, q3, q4, q5, q6, q7 = q[qo], q[qo + 1], q[qo + 2], q[qo + 3], q[qo + 4], q[qo + 5], q[qo + 6], q[qo + 7]
+            k0, k1, k2, k3, k4, k5, k6, k7 = kh[0], kh[1], kh[2], kh[3], kh[4], kh[5], kh[6], kh[7]
+            for t in range(n):  # fma(q, k, 0) is the rounded product; then the fold
+                att[t] = ((q7 * k7[t] + q3 * k3[t]) + (q5 * k5[t] + q1 * k1[t])) + (
+                    (q6 * k6[t] + q2 * k2[t]) + (q4 * k4[t] + q0 * k0[t]))
+            j = 8
+        else:
+            for t in range(n):
+                att[t] = 0.0
+    else:
+        for l in range(16):  # the first block's products start the lanes (fma(q, k, 0) = q * k)
+            qi = q[qo + l]
+            k_i = kh[l]
+            acc = lanes[l]
+            for t in range(n):
+                acc[t] = qi * k_i[t]
+        for c in range(1, n16):
+            for l in range(16):
+                qi = q[qo + 16 * c + l]
+                k_i = kh[16 * c + l]
+                acc = lanes[l]
+                for t in range(n):
+                    acc[t] = fma(qi, k_i[t], acc[t])
+        for l in range(8):  # high half onto low half, then the 8-lane step
+            hi, lo = lanes[l + 8], lanes[l]
+            for t in range(n):
+                lo[t] = hi[t] + lo[t]
+        if has8:
+            for l in range(8):
+                qi = q[qo + j + l]
+                k_i = kh[j + l]
+                acc = lanes[l]
+                for t in range(n):
+                    acc[t] = fma(qi, k_i[t], acc[t])
+            j += 8
+        v0, v1, v2, v3, v4, v5, v6, v7 = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7]
+        for t in range(n):
+            att[t] = ((v7[t] + v3[t]) + (v5[t] + v1[t])) + ((v6[t] + v2[t]) + (v4[t] + v0[t]))  # the fold of ofast._reduce_ir
+    for m in range(j, head_size):  # the last < 8 dims, one by one
+        qi = q[qo + m]
+        k_i = kh[m]
+        for t in range(n):
+            att[t] = fma(qi, k_i[t], att[t])
+
+
+@njit(**JIT)
+def _head_weights(att, lanes, q, key_cache, pos, h, n_heads, scale):
+    """att[:pos+1] = softmax(q_h . k_t * (1/sqrt(head_size))), llama2.c's scores and softmax (with
+    element 0 peeled, as gcc compiles the one inlined into forward)."""
+    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[1]
     n = pos + 1
+    _scores(att, lanes, q, h * head_size, key_cache[h // (n_heads // n_kv_heads)], n)
     for t in range(n):
-        att[t] = dot(q, h * head_size, key_cache, kv + t * head_size, head_size) * scale
+        att[t] *= scale
     softmax(att, n, True)
+
+
+@njit(**JIT)
+def _weighted_sum(out, att, value_cache, pos, h, n_heads):
+    """out_h = sum_t att[t] * v_t, one fused multiply-add per element, t in order."""
+    n_kv_heads, head_size = value_cache.shape[0], value_cache.shape[2]
+    vh = value_cache[h // (n_heads // n_kv_heads)]  # (seq_len, head_size)
     o = h * head_size
     for i in range(head_size):
         out[o + i] = 0.0
-    for t in range(n):
+    for t in range(pos + 1):
         a = att[t]
-        base = kv + t * head_size
+        v_t = vh[t]
         for i in range(head_size):
-            out[o + i] = fma(a, value_cache.flat[base + i], out[o + i])
+            out[o + i] = fma(a, v_t[i], out[o + i])
 
 
 @njit(parallel=True, **JIT)
-def attention(out, q, key_cache, value_cache, att, pos, n_heads, parallel):
+def attention(out, q, key_cache, value_cache, att, att_lanes, pos, n_heads, parallel):
     """Causal multi-head attention of one query position over cache positions 0..pos.
 
-    q, out: (n_heads * head_size,); key_cache, value_cache: one layer's (n_kv_heads, seq_len,
-    head_size); att: (n_heads, seq_len) scratch. Query head h reads kv head
+    q, out: (n_heads * head_size,); key_cache (n_kv_heads, head_size, seq_len) and value_cache
+    (n_kv_heads, seq_len, head_size): one layer's (store_kv). att (n_heads, seq_len) and
+    att_lanes (n_heads, 16, seq_len): scratch. Query head h reads kv head
     h // (n_heads / n_kv_heads) (grouped-query attention, Ainslie et al. 2023).
     """
-    scale = inv_sqrt(f32(key_cache.shape[2]))  # score /= sqrtf(head_size), as compiled
+    scale = inv_sqrt(f32(key_cache.shape[1]))  # score /= sqrtf(head_size), as compiled
     if parallel:
         for h in prange(n_heads):
-            _attend_head(out, q, key_cache, value_cache, att[h], pos, h, n_heads, scale)
+            _head_weights(att[h], att_lanes[h], q, key_cache, pos, h, n_heads, scale)
+            _weighted_sum(out, att[h], value_cache, pos, h, n_heads)
     else:
         for h in range(n_heads):
-            _attend_head(out, q, key_cache, value_cache, att[h], pos, h, n_heads, scale)
+            _head_weights(att[h], att_lanes[h], q, key_cache, pos, h, n_heads, scale)
+        # All heads' weighted sums advance together, position by position: each element's chain of
+        # fused multiply-adds keeps its order, and the heads' independent chains overlap (one
+        # small head alone is a latency-bound chain of pos+1 dependent FMAs).
+        n_kv_heads, head_size = value_cache.shape[0], value_cache.shape[2]
+        kv_mul = n_heads // n_kv_heads
+        for i in range(out.shape[0]):
+            out[i] = 0.0
+        for t in range(pos + 1):
+            for h in range(n_heads):
+                a = att[h, t]
+                v_t = value_cache[h // kv_mul, t]
+                o = h * head_size
+                for i in range(head_size):
+                    out[o + i] = fma(a, v_t[i], out[o + i])
 
 
 @njit(**JIT)

@@ -4,7 +4,8 @@ llama2.c is built with -Ofast (its Makefile's `runfast`/`runomp`, and the refere
 that changes the arithmetic, not just the speed. On x86-64 with AVX-512 (gcc 12, znver4 here):
 - Sums and dot products are vectorized: 16 partial sums (one per zmm lane, fused multiply-adds),
   folded to 8 (high half + low half), then one 8-wide step for a remainder of >= 8, then a fixed
-  tree (`_fold`), then the last < 8 elements one by one.
+  tree (lanes i + 4 onto i, then 2 + 0 and 3 + 1, then 1 + 0), then the last < 8 elements one
+  by one.
 - expf in a vectorized loop is glibc's libmvec (`_ZGVeN16v_expf` for 16-lane blocks,
   `_ZGVdN8v_expf` for an 8-lane block), the scalar libm expf for the tail: three implementations
   that round differently, so which one an element gets depends on its index.
@@ -194,16 +195,6 @@ def newton_recip(r, d):
 # Reductions in the vectorizer's order. Lane l of the 16-lane accumulator sums elements 16c + l.
 
 
-@njit(inline="always", **OJIT)
-def _fold(v0, v1, v2, v3, v4, v5, v6, v7):
-    """The horizontal sum of an 8-lane vector: lanes i + 4 onto i, then 2 + 0 and 3 + 1, then 1 + 0."""
-    u0 = v4 + v0
-    u1 = v5 + v1
-    u2 = v6 + v2
-    u3 = v7 + v3
-    return (u3 + u1) + (u2 + u0)
-
-
 _F32 = ir.FloatType()
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
@@ -218,81 +209,91 @@ def _load_vec(builder, base, offset, vt):
     return builder.load(builder.bitcast(builder.gep(base, [offset]), vt.as_pointer()), align=4)
 
 
+def _reduce_ir(context, builder, pa, pb, n, init):
+    """gcc -Ofast's vectorized reduction of `s += a[i] * b[i]` (pb given: fused multiply-adds) or
+    `s += a[i]` (pb None, s starting at init): a 16-lane accumulator, its high half added onto its
+    low half, one 8-lane step for a remainder of >= 8, the fold (init joins after it), then
+    the last < 8 elements one by one. pa, pb: float pointers; n: int64; returns a float32 value."""
+    v16, v8 = ir.VectorType(_F32, 16), ir.VectorType(_F32, 8)
+
+    def step(acc, vt, off):
+        x = _load_vec(builder, pa, off, vt)
+        if pb is None:
+            return builder.fadd(builder.load(acc), x)
+        return builder.call(_fma_fn(builder.module, vt), [x, _load_vec(builder, pb, off, vt), builder.load(acc)])
+
+    acc = cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16))
+    n16 = builder.sdiv(n, ir.Constant(_I64, 16))
+    with cgutils.for_range(builder, n16) as loop:
+        builder.store(step(acc, v16, builder.mul(loop.index, ir.Constant(_I64, 16))), acc)
+    lanes = builder.load(acc)
+    lo = builder.shuffle_vector(lanes, lanes, ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
+    hi = builder.shuffle_vector(lanes, lanes, ir.Constant(ir.VectorType(_I32, 8), list(range(8, 16))))
+    acc8 = cgutils.alloca_once_value(builder, builder.fadd(hi, lo))
+    done = cgutils.alloca_once_value(builder, builder.mul(n16, ir.Constant(_I64, 16)))
+    with builder.if_then(builder.icmp_signed(">=", builder.sub(n, builder.load(done)), ir.Constant(_I64, 8))):
+        off = builder.load(done)
+        builder.store(step(acc8, v8, off), acc8)
+        builder.store(builder.add(off, ir.Constant(_I64, 8)), done)
+    v = builder.load(acc8)
+    e = [builder.extract_element(v, ir.Constant(_I32, i)) for i in range(8)]
+    u = [builder.fadd(e[i + 4], e[i]) for i in range(4)]  # the fold: i + 4 onto i, 2+0 and 3+1, 1+0
+    folded = builder.fadd(builder.fadd(u[3], u[1]), builder.fadd(u[2], u[0]))
+    s = cgutils.alloca_once_value(builder, folded if init is None else builder.fadd(init, folded))
+    start = builder.load(done)
+    with cgutils.for_range(builder, builder.sub(n, start)) as loop:
+        m = builder.add(start, loop.index)
+        x = builder.load(builder.gep(pa, [m]))
+        if pb is None:
+            builder.store(builder.fadd(builder.load(s), x), s)
+        else:
+            term = [x, builder.load(builder.gep(pb, [m])), builder.load(s)]
+            builder.store(builder.call(_fma_fn(builder.module, _F32), term), s)
+    return builder.load(s)
+
+
+def _is_f32_array(a):
+    return isinstance(a, types.Array) and a.dtype == types.float32
+
+
+def _data_at(context, builder, aryty, ary, offset, offty):
+    data = context.make_array(aryty)(context, builder, ary).data
+    return builder.gep(data, [context.cast(builder, offset, offty, types.int64)])
+
+
 @intrinsic
 def dot(typingctx, a, ao, b, bo, n):
-    """sum(a.flat[ao:ao+n] * b.flat[bo:bo+n]) in float32, as gcc -Ofast vectorizes `s += a[i] * b[i]`:
-    a 16-lane accumulator of fused multiply-adds, its high half added onto its low half, one
-    8-lane step for a remainder of >= 8, `_fold`'s tree, then the last < 8 one by one.
+    """sum(a.flat[ao:ao+n] * b.flat[bo:bo+n]) in float32, as gcc -Ofast vectorizes `s += a[i] * b[i]`
+    (_reduce_ir). a, b: C-contiguous float32 arrays of any shape, addressed by flat offsets.
 
-    Written in LLVM IR with vector types because that order has to be exact and fast at once:
+    Written in LLVM IR with vector types because the order has to be exact and fast at once:
     Numba leaves LLVM's SLP vectorizer off, so scalar code would stay scalar, and the loop
-    vectorizer would only vectorize the sum by reordering it. a, b: C-contiguous float32 arrays
-    of any shape, addressed by flat offsets.
+    vectorizer would only vectorize the sum by reordering it.
     """
-    if not (isinstance(a, types.Array) and isinstance(b, types.Array) and a.dtype == b.dtype == types.float32):
+    if not (_is_f32_array(a) and _is_f32_array(b)):
         return None
 
     def codegen(context, builder, signature, args):
-        v16, v8 = ir.VectorType(_F32, 16), ir.VectorType(_F32, 8)
-        ao_, bo_, n_ = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (1, 3, 4))
-        pa = builder.gep(context.make_array(signature.args[0])(context, builder, args[0]).data, [ao_])
-        pb = builder.gep(context.make_array(signature.args[2])(context, builder, args[2]).data, [bo_])
-        acc = cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16))
-        n16 = builder.sdiv(n_, ir.Constant(_I64, 16))
-        with cgutils.for_range(builder, n16) as loop:
-            off = builder.mul(loop.index, ir.Constant(_I64, 16))
-            prod = [_load_vec(builder, pa, off, v16), _load_vec(builder, pb, off, v16), builder.load(acc)]
-            builder.store(builder.call(_fma_fn(builder.module, v16), prod), acc)
-        lanes = builder.load(acc)
-        lo = builder.shuffle_vector(lanes, lanes, ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
-        hi = builder.shuffle_vector(lanes, lanes, ir.Constant(ir.VectorType(_I32, 8), list(range(8, 16))))
-        acc8 = cgutils.alloca_once_value(builder, builder.fadd(hi, lo))
-        done = cgutils.alloca_once_value(builder, builder.mul(n16, ir.Constant(_I64, 16)))
-        with builder.if_then(builder.icmp_signed(">=", builder.sub(n_, builder.load(done)), ir.Constant(_I64, 8))):
-            off = builder.load(done)
-            prod = [_load_vec(builder, pa, off, v8), _load_vec(builder, pb, off, v8), builder.load(acc8)]
-            builder.store(builder.call(_fma_fn(builder.module, v8), prod), acc8)
-            builder.store(builder.add(off, ir.Constant(_I64, 8)), done)
-        v = builder.load(acc8)
-        e = [builder.extract_element(v, ir.Constant(_I32, i)) for i in range(8)]
-        u = [builder.fadd(e[i + 4], e[i]) for i in range(4)]  # _fold, in IR
-        s = cgutils.alloca_once_value(builder, builder.fadd(builder.fadd(u[3], u[1]), builder.fadd(u[2], u[0])))
-        start = builder.load(done)
-        with cgutils.for_range(builder, builder.sub(n_, start)) as loop:
-            m = builder.add(start, loop.index)
-            term = [builder.load(builder.gep(pa, [m])), builder.load(builder.gep(pb, [m])), builder.load(s)]
-            builder.store(builder.call(_fma_fn(builder.module, _F32), term), s)
-        return builder.load(s)
+        ty = signature.args
+        pa = _data_at(context, builder, ty[0], args[0], args[1], ty[1])
+        pb = _data_at(context, builder, ty[2], args[2], args[3], ty[3])
+        return _reduce_ir(context, builder, pa, pb, context.cast(builder, args[4], ty[4], types.int64), None)
 
     return types.float32(a, ao, b, bo, n), codegen
 
 
-@njit(inline="always", **OJIT)
-def _sum_lane8(x, o, i, n16, has8):
-    lo = f32(0.0)
-    hi = f32(0.0)
-    for c in range(n16):
-        lo += x[o + 16 * c + i]
-        hi += x[o + 16 * c + 8 + i]
-    v = hi + lo if n16 > 0 else f32(0.0)
-    if has8:
-        v += x[o + 16 * n16 + i]
-    return v
+@intrinsic
+def vsum(typingctx, x, o, n, s):
+    """s + sum(x.flat[o:o+n]) as gcc -Ofast vectorizes `s += x[i]` (s joins after the fold)."""
+    if not (_is_f32_array(x) and s == types.float32):
+        return None
 
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        px = _data_at(context, builder, ty[0], args[0], args[1], ty[1])
+        return _reduce_ir(context, builder, px, None, context.cast(builder, args[2], ty[2], types.int64), args[3])
 
-@njit(**OJIT)
-def vsum(x, o, n, s):
-    """s + sum(x[o:o+n]) as gcc -Ofast vectorizes `s += x[i]` (s joins after the fold)."""
-    n16 = n // 16
-    has8 = n - 16 * n16 >= 8
-    if n16 > 0 or has8:
-        s = s + _fold(_sum_lane8(x, o, 0, n16, has8), _sum_lane8(x, o, 1, n16, has8),
-                      _sum_lane8(x, o, 2, n16, has8), _sum_lane8(x, o, 3, n16, has8),
-                      _sum_lane8(x, o, 4, n16, has8), _sum_lane8(x, o, 5, n16, has8),
-                      _sum_lane8(x, o, 6, n16, has8), _sum_lane8(x, o, 7, n16, has8))
-    for j in range(16 * n16 + (8 if has8 else 0), n):
-        s += x[o + j]
-    return s
+    return types.float32(x, o, n, s), codegen
 
 
 @njit(**OJIT)

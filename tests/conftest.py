@@ -5,6 +5,8 @@ tests that need them skip with a reason when they are absent. Everything else bu
 random models so the core suite runs anywhere.
 """
 
+import ctypes
+import ctypes.util
 import os
 from pathlib import Path
 
@@ -80,3 +82,13 @@ def tiny_model(tmp_path):
     write_checkpoint(tmp_path / "model.bin", cfg, Weights.from_dict(cfg, random_weights(cfg, scale=0.3)))
     tiny_tokenizer_file(tmp_path / "tokenizer.bin", cfg.vocab_size)
     return tmp_path / "model.bin"
+
+
+def libm_expf():
+    """The C library's float32 expf through ctypes (what llama2.c's scalar expf calls are)."""
+    name = ctypes.util.find_library("m")
+    if name is None:
+        pytest.skip("C math library not found (needed to model llama2.c's expf)")
+    expf = ctypes.CDLL(name).expf
+    expf.restype, expf.argtypes = ctypes.c_float, [ctypes.c_float]
+    return expf

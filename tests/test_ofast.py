@@ -4,11 +4,10 @@ The end-to-end evidence is runq's fixture (tests/test_quant.py) and run.c's (tes
 these tests pin the pieces against independent numpy models of the same compiled order.
 """
 
-import ctypes
-import ctypes.util
 
 import numpy as np
 import pytest
+from conftest import libm_expf
 from numba import njit
 
 from babyllama.engine import ofast
@@ -82,20 +81,11 @@ def test_dot_order_differs_from_left_to_right():
     assert differs > 10
 
 
-def _libm_expf():
-    name = ctypes.util.find_library("m")
-    if name is None:
-        pytest.skip("C math library not found")
-    expf = ctypes.CDLL(name).expf
-    expf.restype, expf.argtypes = ctypes.c_float, [ctypes.c_float]
-    return expf
-
-
 @pytest.mark.parametrize("peel", [False, True])
 def test_short_softmax_is_libm_expf_and_reciprocal(peel):
     """Below 8 elements (9 when peeled) nothing is vectorized: libm's expf, a running sum, and
     every element times 1/sum (what -Ofast makes of x[i] /= sum)."""
-    expf = _libm_expf()
+    expf = libm_expf()
     x = np.array([0.3, -1.25, 2.5, 0.0, -7.0, 1.0, 2.0], F32)
     got = x.copy()
     ofast.softmax(got, len(x), peel)

@@ -1,29 +1,18 @@
 """The sampler: run.c's xorshift RNG and sampling, bit for bit, plus the extras' semantics."""
 
-import ctypes
-import ctypes.util
 import json
 import math
 import time
 
 import numpy as np
 import pytest
-from conftest import shared_file, shared_fixture
+from conftest import libm_expf, shared_file, shared_fixture
 
 from babyllama.errors import GenerationError
 from babyllama.sampler import Sampler, random_f32, random_u32, sample
 
 F32 = np.float32
 MASK64 = 2**64 - 1
-
-
-def _libm_expf():
-    name = ctypes.util.find_library("m")
-    if name is None:
-        pytest.skip("C math library not found (needed to model run.c's expf)")
-    expf = ctypes.CDLL(name).expf
-    expf.restype, expf.argtypes = ctypes.c_float, [ctypes.c_float]
-    return expf
 
 
 # ----------------------------------------------------------------------------- reference
@@ -153,7 +142,7 @@ def test_greedy_picks_first_maximum_and_keeps_rng():
 @pytest.mark.parametrize("topp", [0.9, 0.5, 0.99, 0.0, 1.0])
 def test_matches_reference_implementation(topp):
     """Same token and same RNG state as a Python transcription of run.c, on many random cases."""
-    expf = _libm_expf()
+    expf = libm_expf()
     rng = np.random.default_rng(int(topp * 100))
     for seed in range(1, 81):
         n = 512 if seed % 10 else 1000
@@ -183,7 +172,7 @@ def test_njit_entry_point_direct_call():
     history = np.empty(0, dtype=np.int64)
     assert sample(logits.copy(), history, 0.0, 0.9, 0, 0.0, 1.0, state, scratch) == 1
     ref = RefRng(7)
-    want = ref_sample(logits, 1.0, 0.9, ref, _libm_expf())
+    want = ref_sample(logits, 1.0, 0.9, ref, libm_expf())
     assert sample(logits.copy(), history, 1.0, 0.9, 0, 0.0, 1.0, state, scratch) == want
     assert int(state[0]) == ref.state
 

@@ -56,28 +56,34 @@ EXACT_OFAST = _host_has_ofast_primitives()
 # Primitives. Vector ones work in place on x[i : i + width] (a float32 array).
 
 
-def _vector_intrinsic(width, emit):
+_F32 = ir.FloatType()
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+
+def _fma_fn(module, ty):
+    suffix = f"v{ty.count}f32" if isinstance(ty, ir.VectorType) else "f32"
+    return cgutils.get_or_insert_function(module, ir.FunctionType(ty, [ty, ty, ty]), f"llvm.fma.{suffix}")
+
+
+def _vector_intrinsic(width, name, extra=lambda vt: ()):
+    """x[i : i + width] = name(x[i : i + width]) for a function taking (and returning) one float
+    vector, plus the constant arguments `extra` gives (an LLVM intrinsic or libmvec's symbol)."""
+
     @intrinsic
     def vector_op(typingctx, x, i):
         def codegen(context, builder, signature, args):
-            vt = ir.VectorType(ir.FloatType(), width)
+            vt = ir.VectorType(_F32, width)
             arr = context.make_array(signature.args[0])(context, builder, args[0])
             ptr = builder.bitcast(builder.gep(arr.data, [args[1]]), vt.as_pointer())
-            builder.store(emit(builder, builder.load(ptr, align=4), vt), ptr, align=4)
+            call_args = [builder.load(ptr, align=4), *extra(vt)]
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [a.type for a in call_args]), name)
+            builder.store(builder.call(fn, call_args), ptr, align=4)
             return context.get_dummy_value()
 
         return types.void(x, i), codegen
 
     return vector_op
-
-
-def _call(name, extra=()):
-    def emit(builder, v, vt):
-        argtys = [vt] + [a.type for a in extra(vt)] if extra else [vt]
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, argtys), name)
-        return builder.call(fn, [v] + (list(extra(vt)) if extra else []))
-
-    return emit
 
 
 def _rcp14_args(vt):  # passthrough and an all-ones lane mask
@@ -92,9 +98,7 @@ def fma(typingctx, a, b, c):
         return None
 
     def codegen(context, builder, signature, args):
-        f = ir.FloatType()
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f, [f, f, f]), "llvm.fma.f32")
-        return builder.call(fn, args)
+        return builder.call(_fma_fn(builder.module, _F32), args)
 
     return types.float32(types.float32, types.float32, types.float32), codegen
 
@@ -105,57 +109,31 @@ def _rsqrtss_hw(typingctx, x):
         return None
 
     def codegen(context, builder, signature, args):
-        vt = ir.VectorType(ir.FloatType(), 4)
-        v = builder.insert_element(ir.Constant(vt, None), args[0], ir.Constant(ir.IntType(32), 0))
+        vt = ir.VectorType(_F32, 4)
+        v = builder.insert_element(ir.Constant(vt, None), args[0], ir.Constant(_I32, 0))
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]), "llvm.x86.sse.rsqrt.ss")
-        return builder.extract_element(builder.call(fn, [v]), ir.Constant(ir.IntType(32), 0))
+        return builder.extract_element(builder.call(fn, [v]), ir.Constant(_I32, 0))
 
     return types.float32(types.float32), codegen
 
 
-@njit(inline="always", **OJIT)
-def _rsqrtss_exact(x):
-    return f32(1.0) / np.sqrt(x)
-
-
-@njit(inline="always", **OJIT)
-def _vexp_exact(x, i, width):
-    for j in range(i, i + width):
-        x[j] = np.exp(x[j])
-
-
-@njit(inline="always", **OJIT)
-def _vrcp_exact(x, i, width):
-    for j in range(i, i + width):
-        x[j] = f32(1.0) / x[j]
-
-
-if EXACT_OFAST:
-    _exp16_hw = _vector_intrinsic(16, _call("_ZGVeN16v_expf"))
-    _exp8_hw = _vector_intrinsic(8, _call("_ZGVdN8v_expf"))
-    _rcp16_hw = _vector_intrinsic(16, _call("llvm.x86.avx512.rcp14.ps.512", _rcp14_args))
-    _rcp8_hw = _vector_intrinsic(8, _call("llvm.x86.avx.rcp.ps.256"))
+if EXACT_OFAST:  # the instructions and libmvec functions themselves, called from Numba code
+    exp16 = _vector_intrinsic(16, "_ZGVeN16v_expf")
+    exp8 = _vector_intrinsic(8, "_ZGVdN8v_expf")
+    rcp16 = _vector_intrinsic(16, "llvm.x86.avx512.rcp14.ps.512", _rcp14_args)
+    rcp8 = _vector_intrinsic(8, "llvm.x86.avx.rcp.ps.256")
+    rsqrtss = _rsqrtss_hw
+else:  # exact stand-ins with the same signatures
 
     @njit(inline="always", **OJIT)
-    def exp16(x, i):
-        _exp16_hw(x, i)
+    def _vexp_exact(x, i, width):
+        for j in range(i, i + width):
+            x[j] = np.exp(x[j])
 
     @njit(inline="always", **OJIT)
-    def exp8(x, i):
-        _exp8_hw(x, i)
-
-    @njit(inline="always", **OJIT)
-    def rcp16(x, i):
-        _rcp16_hw(x, i)
-
-    @njit(inline="always", **OJIT)
-    def rcp8(x, i):
-        _rcp8_hw(x, i)
-
-    @njit(inline="always", **OJIT)
-    def rsqrtss(x):
-        return _rsqrtss_hw(x)
-else:
+    def _vrcp_exact(x, i, width):
+        for j in range(i, i + width):
+            x[j] = f32(1.0) / x[j]
 
     @njit(inline="always", **OJIT)
     def exp16(x, i):
@@ -175,7 +153,7 @@ else:
 
     @njit(inline="always", **OJIT)
     def rsqrtss(x):
-        return _rsqrtss_exact(x)
+        return f32(1.0) / np.sqrt(x)
 
 
 @njit(inline="always", **OJIT)
@@ -193,16 +171,6 @@ def newton_recip(r, d):
 
 # ------------------------------------------------------------------------------------------------
 # Reductions in the vectorizer's order. Lane l of the 16-lane accumulator sums elements 16c + l.
-
-
-_F32 = ir.FloatType()
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
-
-
-def _fma_fn(module, ty):
-    suffix = f"v{ty.count}f32" if isinstance(ty, ir.VectorType) else "f32"
-    return cgutils.get_or_insert_function(module, ir.FunctionType(ty, [ty, ty, ty]), f"llvm.fma.{suffix}")
 
 
 def _load_vec(builder, base, offset, vt):

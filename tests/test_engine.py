@@ -67,6 +67,23 @@ def test_engine_matches_reference(cfg, parallel):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("cfg", [
+    *CONFIGS,  # and odd sizes: rows and columns past multiples of 8, heads of 6 and 12 dims
+    ModelConfig(dim=36, hidden_dim=100, n_layers=2, n_heads=6, n_kv_heads=3, vocab_size=61, seq_len=40),
+    ModelConfig(dim=60, hidden_dim=84, n_layers=1, n_heads=5, n_kv_heads=5, vocab_size=75, seq_len=20),
+], ids=["gqa", "untied-mha", "mqa", "hs6", "hs12"])
+def test_threads_and_row_blocks_give_the_same_bits(cfg):
+    """Serial or threaded, rows one by one or eight side by side: each logit is the same sum in
+    the same order, so the bits agree (the engine picks by model size; all four must be exact)."""
+    w = Weights.from_dict(cfg, random_weights(cfg, seed=3, scale=0.3))
+    tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, cfg.seq_len)
+    runs = {(p, b): Engine(cfg, w, parallel=p, blocked=b).logits(tokens) for p in (False, True) for b in (False, True)}
+    want = runs[False, False]
+    assert np.isfinite(want).all()
+    for key, got in runs.items():
+        assert got.view(np.int32).tolist() == want.view(np.int32).tolist(), key
+
+
 def test_prefill_equals_token_by_token(tiny_config):
     cfg = tiny_config
     engine = Engine(cfg, Weights.from_dict(cfg, random_weights(cfg, scale=0.3)))

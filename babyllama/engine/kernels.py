@@ -17,68 +17,99 @@ from numba import njit, prange
 
 from .ofast import (
     dot,
-    exp8,
-    exp16,
+    dot8,
     f32,
     fma,
+    fma_chains,
+    gate8,
+    gate16,
     inv_sqrt,
-    newton_recip,
-    rcp8,
-    rcp16,
     softmax,
 )
 
 JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
 
 
+@njit(inline="always", **JIT)
+def _unit(out, w, x, u, blocked):
+    """One unit of out = w @ x: rows 8u .. 8u + 7 if blocked (ofast.dot8), else row u (ofast.dot).
+    Inlined: called inside prange, a real call would update the arrays' reference counts
+    atomically on every iteration, from every thread."""
+    d = x.shape[0]
+    if blocked:
+        dot8(out, 8 * u, w, 8 * u * d, x, 0, d)
+    else:
+        out[u] = dot(w, u * d, x, 0, d)
+
+
+@njit(**JIT)
+def _units(out, blocked):
+    return out.shape[0] // 8 if blocked else out.shape[0]
+
+
+@njit(**JIT)
+def _last_rows(out, w, x, blocked):
+    """With blocked units, the rows after the last whole block of 8, one by one (the same sums)."""
+    d = x.shape[0]
+    if blocked:
+        for i in range(8 * (out.shape[0] // 8), out.shape[0]):
+            out[i] = dot(w, i * d, x, 0, d)
+
+
 @njit(parallel=True, **JIT)
-def matmul(out, w, x, parallel):
+def matmul(out, w, x, parallel, blocked):
     """out (n,) = w (n, d) @ x (d,) -- the matrix-vector product that is ~all of decode time.
 
-    Each row is run.c's `val += w[i * n + j] * x[j]` as -Ofast vectorizes it (ofast.dot)."""
-    d = x.shape[0]
-    if parallel:  # rows addressed by flat offset: a row slice in the prange body would keep an
-        for i in prange(out.shape[0]):  # atomic reference count that the threads fight over
-            out[i] = dot(w, i * d, x, 0, d)
+    Each row is run.c's `val += w[i * n + j] * x[j]` as -Ofast vectorizes it (ofast.dot). blocked
+    computes eight rows at a time (ofast.dot8), which is faster while the weights sit in the CPU
+    caches and slower when they stream from memory (Engine decides). Threads take whole units.
+    """
+    if parallel:
+        for u in prange(_units(out, blocked)):
+            _unit(out, w, x, u, blocked)
     else:
-        for i in range(out.shape[0]):
-            out[i] = dot(w, i * d, x, 0, d)
+        for u in range(_units(out, blocked)):
+            _unit(out, w, x, u, blocked)
+    _last_rows(out, w, x, blocked)
 
 
 @njit(parallel=True, **JIT)
-def matmul3(q, k, v, wq, wk, wv, x, parallel):
-    """q, k, v = wq @ x, wk @ x, wv @ x in one parallel loop over all their rows: one thread-pool
+def matmul3(q, k, v, wq, wk, wv, x, parallel, blocked):
+    """q, k, v = wq @ x, wk @ x, wv @ x in one parallel loop over all their units: one thread-pool
     launch instead of three (a launch costs microseconds, a 15M model's q/k/v rows tens)."""
-    d = x.shape[0]
-    nq, nk = q.shape[0], k.shape[0]
+    nq, nk = _units(q, blocked), _units(k, blocked)
     if parallel:
-        for r in prange(nq + 2 * nk):
-            if r < nq:
-                q[r] = dot(wq, r * d, x, 0, d)
-            elif r < nq + nk:
-                k[r - nq] = dot(wk, (r - nq) * d, x, 0, d)
+        for u in prange(nq + 2 * nk):
+            if u < nq:
+                _unit(q, wq, x, u, blocked)
+            elif u < nq + nk:
+                _unit(k, wk, x, u - nq, blocked)
             else:
-                v[r - nq - nk] = dot(wv, (r - nq - nk) * d, x, 0, d)
+                _unit(v, wv, x, u - nq - nk, blocked)
     else:
-        for r in range(nq):
-            q[r] = dot(wq, r * d, x, 0, d)
-        for r in range(nk):
-            k[r] = dot(wk, r * d, x, 0, d)
-            v[r] = dot(wv, r * d, x, 0, d)
+        for u in range(nq):
+            _unit(q, wq, x, u, blocked)
+        for u in range(nk):
+            _unit(k, wk, x, u, blocked)
+            _unit(v, wv, x, u, blocked)
+    _last_rows(q, wq, x, blocked)
+    _last_rows(k, wk, x, blocked)
+    _last_rows(v, wv, x, blocked)
 
 
 @njit(parallel=True, **JIT)
-def matmul2(out1, out3, w1, w3, x, parallel):
+def matmul2(out1, out3, w1, w3, x, parallel, blocked):
     """out1, out3 = w1 @ x, w3 @ x (SwiGLU's two up-projections) in one parallel loop."""
-    d = x.shape[0]
     if parallel:
-        for i in prange(out1.shape[0]):
-            out1[i] = dot(w1, i * d, x, 0, d)
-            out3[i] = dot(w3, i * d, x, 0, d)
+        for u in prange(_units(out1, blocked)):
+            _unit(out1, w1, x, u, blocked)
+            _unit(out3, w3, x, u, blocked)
     else:
-        for i in range(out1.shape[0]):
-            out1[i] = dot(w1, i * d, x, 0, d)
-            out3[i] = dot(w3, i * d, x, 0, d)
+        for u in range(_units(out1, blocked)):
+            _unit(out1, w1, x, u, blocked)
+            _unit(out3, w3, x, u, blocked)
+    _last_rows(out1, w1, x, blocked)
+    _last_rows(out3, w3, x, blocked)
 
 
 @njit(**JIT)
@@ -124,42 +155,20 @@ def rmsnorm(out, x, weight, eps, in_layer):
 
 @njit(**JIT)
 def silu_mul(hb, hb2):
-    """hb = silu(hb) * hb2 in place (the SwiGLU gate, Shazeer 2020), llama2.c's loop as compiled: whole 16-blocks get libmvec's
-    expf and rcp14 + Newton for 1 / (1 + e^-x) and compute (inv * x) * x3; an 8-block gets the
-    8-lane expf and rcpps + Newton and computes inv * (x * x3); the tail gets libm's expf and a
-    true division, also inv * (x * x3)."""
+    """hb = silu(hb) * hb2 in place (the SwiGLU gate, Shazeer 2020), llama2.c's loop as compiled:
+    whole 16-blocks and then one 8-block are vectorized (ofast.gate16, gate8: libmvec's expf and a
+    Newton-refined reciprocal for 1 / (1 + e^-x)); the tail gets libm's expf and a true division."""
     n = hb.shape[0]
-    t = np.empty(16, np.float32)
-    d = np.empty(16, np.float32)
-    n16 = n // 16
-    for c in range(n16 + 1):
-        base = 16 * c
-        width = 16 if c < n16 else (8 if n - base >= 8 else 0)
-        if width == 0:
-            break
-        for j in range(width):
-            t[j] = -hb[base + j]
-        if width == 16:
-            exp16(t, 0)
-        else:
-            exp8(t, 0)
-        for j in range(width):
-            t[j] = t[j] + f32(1.0)
-            d[j] = t[j]
-        if width == 16:
-            rcp16(t, 0)
-        else:
-            rcp8(t, 0)
-        for j in range(width):
-            inv = newton_recip(t[j], d[j])
-            if width == 16:
-                hb[base + j] = (inv * hb[base + j]) * hb2[base + j]
-            else:
-                hb[base + j] = inv * (hb[base + j] * hb2[base + j])
-    start = 16 * n16 + (8 if n - 16 * n16 >= 8 else 0)
-    for j in range(start, n):
-        inv = f32(1.0) / (np.exp(-hb[j]) + f32(1.0))
-        hb[j] = inv * (hb[j] * hb2[j])
+    j = 0
+    while n - j >= 16:
+        gate16(hb, hb2, j)
+        j += 16
+    if n - j >= 8:
+        gate8(hb, hb2, j)
+        j += 8
+    for i in range(j, n):
+        inv = f32(1.0) / (np.exp(-hb[i]) + f32(1.0))
+        hb[i] = inv * (hb[i] * hb2[i])
 
 
 @njit(**JIT)
@@ -249,18 +258,33 @@ def _head_weights(att, lanes, q, key_cache, pos, h, n_heads, scale):
 
 
 @njit(**JIT)
-def _weighted_sum(out, att, value_cache, pos, h, n_heads):
-    """out_h = sum_t att[t] * v_t, one fused multiply-add per element, t in order."""
-    n_kv_heads, head_size = value_cache.shape[0], value_cache.shape[2]
-    vh = value_cache[h // (n_heads // n_kv_heads)]  # (seq_len, head_size)
-    o = h * head_size
-    for i in range(head_size):
-        out[o + i] = 0.0
-    for t in range(pos + 1):
-        a = att[t]
-        v_t = vh[t]
-        for i in range(head_size):
-            out[o + i] = fma(a, v_t[i], out[o + i])
+def _weighted_sums(out, att, value_cache, n, h0, h1, n_heads):
+    """out_h = sum_{t < n} att[h, t] * v_t for heads h0 <= h < h1: each element a chain of fused
+    multiply-adds in t order (run.c's loop). The heads' 8-dim chunks go four at a time through
+    ofast.fma_chains, a short last group repeating its final chunk; dims past a multiple of 8 are
+    done one by one."""
+    n_kv_heads, seq_len, head_size = value_cache.shape
+    kv_mul = n_heads // n_kv_heads
+    per_head = head_size // 8
+    units = (h1 - h0) * per_head
+    for g in range(0, units, 4):
+        u = (min(g, units - 1), min(g + 1, units - 1), min(g + 2, units - 1), min(g + 3, units - 1))
+        h = (h0 + u[0] // per_head, h0 + u[1] // per_head, h0 + u[2] // per_head, h0 + u[3] // per_head)
+        c = (8 * (u[0] % per_head), 8 * (u[1] % per_head), 8 * (u[2] % per_head), 8 * (u[3] % per_head))
+        fma_chains(
+            out, (h[0] * head_size + c[0], h[1] * head_size + c[1], h[2] * head_size + c[2], h[3] * head_size + c[3]),
+            att, (h[0] * seq_len, h[1] * seq_len, h[2] * seq_len, h[3] * seq_len),
+            value_cache, ((h[0] // kv_mul) * seq_len * head_size + c[0], (h[1] // kv_mul) * seq_len * head_size + c[1],
+                          (h[2] // kv_mul) * seq_len * head_size + c[2], (h[3] // kv_mul) * seq_len * head_size + c[3]),
+            head_size, n,
+        )
+    for h in range(h0, h1):
+        vh = value_cache[h // kv_mul]  # (seq_len, head_size)
+        for i in range(8 * per_head, head_size):
+            acc = f32(0.0)
+            for t in range(n):
+                acc = fma(att[h, t], vh[t, i], acc)
+            out[h * head_size + i] = acc
 
 
 @njit(parallel=True, **JIT)
@@ -276,24 +300,11 @@ def attention(out, q, key_cache, value_cache, att, att_lanes, pos, n_heads, para
     if parallel:
         for h in prange(n_heads):
             _head_weights(att[h], att_lanes[h], q, key_cache, pos, h, n_heads, scale)
-            _weighted_sum(out, att[h], value_cache, pos, h, n_heads)
-    else:
+            _weighted_sums(out, att, value_cache, pos + 1, h, h + 1, n_heads)
+    else:  # all heads' sums together: more independent chains in flight (_weighted_sums)
         for h in range(n_heads):
             _head_weights(att[h], att_lanes[h], q, key_cache, pos, h, n_heads, scale)
-        # All heads' weighted sums advance together, position by position: each element's chain of
-        # fused multiply-adds keeps its order, and the heads' independent chains overlap (one
-        # small head alone is a latency-bound chain of pos+1 dependent FMAs).
-        n_kv_heads, head_size = value_cache.shape[0], value_cache.shape[2]
-        kv_mul = n_heads // n_kv_heads
-        for i in range(out.shape[0]):
-            out[i] = 0.0
-        for t in range(pos + 1):
-            for h in range(n_heads):
-                a = att[h, t]
-                v_t = value_cache[h // kv_mul, t]
-                o = h * head_size
-                for i in range(head_size):
-                    out[o + i] = fma(a, v_t[i], out[o + i])
+        _weighted_sums(out, att, value_cache, pos + 1, 0, n_heads, n_heads)
 
 
 @njit(**JIT)

@@ -156,6 +156,58 @@ else:  # exact stand-ins with the same signatures
         return f32(1.0) / np.sqrt(x)
 
 
+def _gate_ir(width, exp_name, rcp, product):
+    """hb[i : i + width] = silu(hb) * hb2 for one vectorized block of llama2.c's SwiGLU loop, in
+    registers: e = expf(-x), d = e + 1, r = rcp(d), inv = newton_recip(r, d), then `product`."""
+
+    @intrinsic
+    def gate(typingctx, hb, hb2, i):
+        def codegen(context, builder, signature, args):
+            vt = ir.VectorType(_F32, width)
+            ptrs = [_data_at(context, builder, signature.args[k], args[k], args[2], signature.args[2]) for k in (0, 1)]
+            x, x3 = (_load_vec(builder, p, ir.Constant(_I64, 0), vt) for p in ptrs)
+            e = builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]), exp_name),
+                             [builder.fneg(x)])
+            d = builder.fadd(e, ir.Constant(vt, [1.0] * width))
+            r = rcp(builder, d)
+            inv = builder.fsub(builder.fadd(r, r), builder.fmul(r, builder.fmul(r, d)))
+            out = product(builder, inv, x, x3)
+            builder.store(out, builder.bitcast(ptrs[0], vt.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(hb, hb2, i), codegen
+
+    return gate
+
+
+def _rcp_call(name, extra=lambda vt: ()):
+    def rcp(builder, d):
+        args = [d, *extra(d.type)]
+        return builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(d.type, [a.type for a in args]), name), args)
+
+    return rcp
+
+
+if EXACT_OFAST:  # gcc's 16-lane blocks compute (inv * x) * x3, its 8-lane block inv * (x * x3)
+    gate16 = _gate_ir(16, "_ZGVeN16v_expf", _rcp_call("llvm.x86.avx512.rcp14.ps.512", _rcp14_args),
+                      lambda b, inv, x, x3: b.fmul(b.fmul(inv, x), x3))
+    gate8 = _gate_ir(8, "_ZGVdN8v_expf", _rcp_call("llvm.x86.avx.rcp.ps.256"),
+                     lambda b, inv, x, x3: b.fmul(inv, b.fmul(x, x3)))
+else:
+
+    @njit(inline="always", **OJIT)
+    def gate16(hb, hb2, i):
+        for j in range(i, i + 16):
+            d = np.exp(-hb[j]) + f32(1.0)
+            hb[j] = (newton_recip(f32(1.0) / d, d) * hb[j]) * hb2[j]
+
+    @njit(inline="always", **OJIT)
+    def gate8(hb, hb2, i):
+        for j in range(i, i + 8):
+            d = np.exp(-hb[j]) + f32(1.0)
+            hb[j] = newton_recip(f32(1.0) / d, d) * (hb[j] * hb2[j])
+
+
 @njit(inline="always", **OJIT)
 def inv_sqrt(x):
     """gcc's 1.0f / sqrtf(x): y = rsqrtss(x), then (y * (x * y) - 3) * (y * -0.5)."""
@@ -250,6 +302,79 @@ def dot(typingctx, a, ao, b, bo, n):
     return types.float32(a, ao, b, bo, n), codegen
 
 
+def _shuffle(builder, a, b, mask):
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(mask)), mask))
+
+
+@intrinsic
+def dot8(typingctx, out, oo, w, wo, x, xo, n):
+    """out[oo + r] = dot(w, wo + r * n, x, xo, n) for the 8 rows r = 0..7 of a row-major matrix,
+    bit for bit, but the rows' reductions run side by side.
+
+    One row alone is a chain of dependent FMAs and then a fold of its 8 lanes, which is mostly
+    latency (stories260K's rows are 64 floats: four FMAs). Here the 8 rows' chains interleave, and
+    the fold runs transposed: pairs of rows share vectors, so each step of _reduce_ir's tree (i + 4
+    onto i, then 2 + 0 and 3 + 1, then 1 + 0) is one vector add for several rows at once. Every
+    row's sums are the same additions of the same operands (addition commutes exactly).
+    """
+    if not (_is_f32_array(out) and _is_f32_array(w) and _is_f32_array(x)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        po = _data_at(context, builder, ty[0], args[0], args[1], ty[1])
+        pw = _data_at(context, builder, ty[2], args[2], args[3], ty[3])
+        px = _data_at(context, builder, ty[4], args[4], args[5], ty[5])
+        n = context.cast(builder, args[6], ty[6], types.int64)
+        v16, v8 = ir.VectorType(_F32, 16), ir.VectorType(_F32, 8)
+        rows = [builder.gep(pw, [builder.mul(n, ir.Constant(_I64, r))]) for r in range(8)]
+        acc = [cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16)) for _ in range(8)]
+        fma16, fma8 = _fma_fn(builder.module, v16), _fma_fn(builder.module, v8)
+        n16 = builder.sdiv(n, ir.Constant(_I64, 16))
+        with cgutils.for_range(builder, n16) as loop:
+            off = builder.mul(loop.index, ir.Constant(_I64, 16))
+            xv = _load_vec(builder, px, off, v16)
+            for r in range(8):
+                builder.store(builder.call(fma16, [_load_vec(builder, rows[r], off, v16), xv, builder.load(acc[r])]), acc[r])
+        acc8 = []
+        for r in range(8):
+            lanes = builder.load(acc[r])
+            acc8.append(cgutils.alloca_once_value(builder, builder.fadd(_shuffle(builder, lanes, lanes, list(range(8, 16))),
+                                                                       _shuffle(builder, lanes, lanes, list(range(8))))))
+        done = cgutils.alloca_once_value(builder, builder.mul(n16, ir.Constant(_I64, 16)))
+        with builder.if_then(builder.icmp_signed(">=", builder.sub(n, builder.load(done)), ir.Constant(_I64, 8))):
+            off = builder.load(done)
+            xv = _load_vec(builder, px, off, v8)
+            for r in range(8):
+                builder.store(builder.call(fma8, [_load_vec(builder, rows[r], off, v8), xv, builder.load(acc8[r])]), acc8[r])
+            builder.store(builder.add(off, ir.Constant(_I64, 8)), done)
+        a = [builder.load(acc8[r]) for r in range(8)]
+        # lanes i + 4 onto i: rows 2k and 2k + 1 share p[k] = [u_2k (4 lanes), u_2k+1 (4 lanes)]
+        p = [builder.fadd(_shuffle(builder, a[2 * k], a[2 * k + 1], [0, 1, 2, 3, 8, 9, 10, 11]),
+                          _shuffle(builder, a[2 * k], a[2 * k + 1], [4, 5, 6, 7, 12, 13, 14, 15])) for k in range(4)]
+        # u0 + u2 and u1 + u3: q[0] = rows [0 0 2 2 1 1 3 3], q[1] = rows [4 4 6 6 5 5 7 7]
+        q = [builder.fadd(_shuffle(builder, p[2 * k], p[2 * k + 1], [0, 1, 8, 9, 4, 5, 12, 13]),
+                          _shuffle(builder, p[2 * k], p[2 * k + 1], [2, 3, 10, 11, 6, 7, 14, 15])) for k in range(2)]
+        # (u3 + u1) + (u2 + u0): rows [0 2 4 6 1 3 5 7], then put in order
+        sums = builder.fadd(_shuffle(builder, q[0], q[1], [1, 3, 9, 11, 5, 7, 13, 15]),
+                            _shuffle(builder, q[0], q[1], [0, 2, 8, 10, 4, 6, 12, 14]))
+        s = cgutils.alloca_once_value(builder, _shuffle(builder, sums, sums, [0, 4, 1, 5, 2, 6, 3, 7]))
+        start = builder.load(done)
+        with cgutils.for_range(builder, builder.sub(n, start)) as loop:  # the last < 8 columns
+            m = builder.add(start, loop.index)
+            wv = ir.Constant(v8, None)
+            for r in range(8):
+                wv = builder.insert_element(wv, builder.load(builder.gep(rows[r], [m])), ir.Constant(_I32, r))
+            xm = builder.load(builder.gep(px, [m]))
+            xs = _shuffle(builder, builder.insert_element(ir.Constant(v8, None), xm, ir.Constant(_I32, 0)),
+                          ir.Constant(v8, None), [0] * 8)
+            builder.store(builder.call(fma8, [wv, xs, builder.load(s)]), s)
+        builder.store(builder.load(s), builder.bitcast(po, v8.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(out, oo, w, wo, x, xo, n), codegen
+
+
 @intrinsic
 def vsum(typingctx, x, o, n, s):
     """s + sum(x.flat[o:o+n]) as gcc -Ofast vectorizes `s += x[i]` (s joins after the fold)."""
@@ -262,6 +387,83 @@ def vsum(typingctx, x, o, n, s):
         return _reduce_ir(context, builder, px, None, context.cast(builder, args[2], ty[2], types.int64), args[3])
 
     return types.float32(x, o, n, s), codegen
+
+
+def _vmax(builder, a, b):
+    return builder.select(builder.fcmp_ordered(">", b, a), b, a)
+
+
+@intrinsic
+def vmax(typingctx, x, o, n):
+    """max(x.flat[o:o+n]), n >= 1, 16 lanes at a time. A maximum is exact, so unlike a sum its
+    order cannot change the result (up to the sign of a zero, which x - max then erases)."""
+    if not _is_f32_array(x):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        px = _data_at(context, builder, ty[0], args[0], args[1], ty[1])
+        n = context.cast(builder, args[2], ty[2], types.int64)
+        v16 = ir.VectorType(_F32, 16)
+        first = builder.load(px)
+        acc = cgutils.alloca_once_value(builder, builder.insert_element(ir.Constant(v16, None), first, ir.Constant(_I32, 0)))
+        builder.store(builder.shuffle_vector(builder.load(acc), builder.load(acc), ir.Constant(ir.VectorType(_I32, 16), [0] * 16)), acc)
+        n16 = builder.sdiv(n, ir.Constant(_I64, 16))
+        with cgutils.for_range(builder, n16) as loop:
+            v = _load_vec(builder, px, builder.mul(loop.index, ir.Constant(_I64, 16)), v16)
+            builder.store(_vmax(builder, builder.load(acc), v), acc)
+        lanes = builder.load(acc)
+        m = cgutils.alloca_once_value(builder, builder.extract_element(lanes, ir.Constant(_I32, 0)))
+        for i in range(1, 16):
+            builder.store(_vmax(builder, builder.load(m), builder.extract_element(lanes, ir.Constant(_I32, i))), m)
+        start = builder.mul(n16, ir.Constant(_I64, 16))
+        with cgutils.for_range(builder, builder.sub(n, start)) as loop:
+            v = builder.load(builder.gep(px, [builder.add(start, loop.index)]))
+            builder.store(_vmax(builder, builder.load(m), v), m)
+        return builder.load(m)
+
+    return types.float32(x, o, n), codegen
+
+
+@intrinsic
+def fma_chains(typingctx, out, oo, w, wo, v, vo, vstride, n):
+    """For k = 0..3: out[oo[k] : oo[k] + 8] = sum over t < n of w[wo[k] + t] * v[vo[k] + t * vstride
+    : ... + 8], each element one chain of fused multiply-adds in t order, starting from zero (run.c's
+    `xb[i] += a * v[i]` over positions, as -Ofast compiles it). Flat offsets into C-contiguous arrays.
+
+    Four 8-lane chains advance together: one chain alone waits on its FMA's latency every step,
+    and a small head (stories260K: 8 dims) has just one.
+    """
+    if not (_is_f32_array(out) and _is_f32_array(w) and _is_f32_array(v)):
+        return None
+    if not all(isinstance(t, types.UniTuple) and t.count == 4 for t in (oo, wo, vo)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        v8 = ir.VectorType(_F32, 8)
+        offsets = [[context.cast(builder, builder.extract_value(args[a], k), ty[a].dtype, types.int64) for k in range(4)]
+                   for a in (1, 3, 5)]
+        data = [context.make_array(ty[a])(context, builder, args[a]).data for a in (0, 2, 4)]
+        stride = context.cast(builder, args[6], ty[6], types.int64)
+        n = context.cast(builder, args[7], ty[7], types.int64)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8, [0.0] * 8)) for _ in range(4)]
+        fma8 = _fma_fn(builder.module, v8)
+        splat = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+        with cgutils.for_range(builder, n) as loop:
+            t = loop.index
+            for k in range(4):
+                a = builder.load(builder.gep(data[1], [builder.add(offsets[1][k], t)]))
+                a8 = builder.shuffle_vector(builder.insert_element(ir.Constant(v8, None), a, ir.Constant(_I32, 0)),
+                                            ir.Constant(v8, None), splat)
+                vk = _load_vec(builder, data[2], builder.add(offsets[2][k], builder.mul(t, stride)), v8)
+                builder.store(builder.call(fma8, [a8, vk, builder.load(accs[k])]), accs[k])
+        for k in range(4):
+            ptr = builder.bitcast(builder.gep(data[0], [offsets[0][k]]), v8.as_pointer())
+            builder.store(builder.load(accs[k]), ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.void(out, oo, w, wo, v, vo, vstride, n), codegen
 
 
 @njit(**OJIT)
@@ -288,9 +490,7 @@ def softmax(x, n, peel_first):
     peel_first: gcc peels element 0 off the exp loop in the attention softmax it inlines into
     forward() (scalar expf, the vector loop starts at 1), not in the sampler's.
     """
-    m = x[0]
-    for i in range(1, n):
-        m = max(m, x[i])
+    m = vmax(x, 0, n)
     if peel_first:
         x[0] = np.exp(x[0] - m)
         vexp_shifted(x, 1, n - 1, m)

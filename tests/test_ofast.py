@@ -161,3 +161,90 @@ def _rcp(x):
 def _exp(x):
     ofast.exp16(x, 0)
     ofast.exp8(x, 16)
+
+
+@njit(cache=False)
+def _dot8_rows(out, w, x, n):
+    ofast.dot8(out, 0, w, 0, x, 0, n)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 15, 16, 17, 24, 31, 48, 64, 100, 172, 288])
+def test_dot8_is_eight_dots(n):
+    """Eight rows side by side, the fold transposed: still each row's dot(), bit for bit."""
+    rng = np.random.default_rng(n + 100)
+    w = (rng.standard_normal((8, n)) * rng.uniform(0.1, 1e3, (8, 1))).astype(F32)
+    x = rng.standard_normal(n).astype(F32)
+    got = np.full(8, np.nan, F32)
+    _dot8_rows(got, w, x, n)
+    want = np.array([_dot(w, r * n, x, 0, n) for r in range(8)], F32)
+    assert got.view(np.int32).tolist() == want.view(np.int32).tolist()
+
+
+@njit(cache=False)
+def _chains(out, oo, w, wo, v, vo, vstride, n):
+    ofast.fma_chains(out, oo, w, wo, v, vo, vstride, n)
+
+
+def test_fma_chains_are_sequential_fmas():
+    """Each of the 4 x 8 outputs is fma(w_t, v_t, acc) for t = 0, 1, ... starting from 0."""
+    rng = np.random.default_rng(7)
+    n, stride = 37, 24
+    w = rng.standard_normal(3 * n).astype(F32)
+    v = rng.standard_normal(n * stride).astype(F32)
+    oo, wo, vo = (0, 8, 16, 8), (0, n, 2 * n, n), (0, 8, 16, 8)  # a repeated unit, as padding does
+    out = np.full(24, np.nan, F32)
+    _chains(out, oo, w, wo, v, vo, stride, n)
+    for k in range(4):
+        for i in range(8):
+            acc = F32(0.0)
+            for t in range(n):
+                acc = _fma(w[wo[k] + t], v[vo[k] + t * stride + i], acc)
+            assert out[oo[k] + i].view(np.int32) == F32(acc).view(np.int32)
+
+
+@njit(cache=False)
+def _vmax(x, o, n):
+    return ofast.vmax(x, o, n)
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 33, 100])
+def test_vmax_is_the_maximum(n):
+    x = np.random.default_rng(n).standard_normal(n + 3).astype(F32)
+    for o in (0, 3):
+        assert _vmax(x, o, n) == x[o : o + n].max()
+
+
+@njit(cache=False)
+def _gates(hb, hb2):
+    ofast.gate16(hb, hb2, 0)
+    ofast.gate8(hb, hb2, 16)
+
+
+@njit(cache=False)
+def _gates_from_primitives(hb, hb2):
+    """The same blocks as loops over the vector primitives (what the fused gates replaced)."""
+    t = np.empty(24, np.float32)
+    for j in range(24):
+        t[j] = -hb[j]
+    ofast.exp16(t, 0)
+    ofast.exp8(t, 16)
+    for j in range(24):
+        t[j] = t[j] + np.float32(1.0)
+    d = t.copy()
+    ofast.rcp16(t, 0)
+    ofast.rcp8(t, 16)
+    for j in range(24):
+        inv = ofast.newton_recip(t[j], d[j])
+        hb[j] = (inv * hb[j]) * hb2[j] if j < 16 else inv * (hb[j] * hb2[j])
+
+
+def test_gates_are_the_primitives_composed():
+    rng = np.random.default_rng(8)
+    hb = (rng.standard_normal(24) * 4).astype(F32)
+    hb2 = rng.standard_normal(24).astype(F32)
+    got, want = hb.copy(), hb.copy()
+    _gates(got, hb2)
+    _gates_from_primitives(want, hb2)
+    assert got.view(np.int32).tolist() == want.view(np.int32).tolist()
+    silu = hb / (1 + np.exp(-hb.astype(np.float64))) * hb2
+    np.testing.assert_allclose(got, silu, rtol=1e-5, atol=1e-6)

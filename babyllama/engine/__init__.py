@@ -83,6 +83,7 @@ class Engine:
         self.parallel, self.blocked = bool(parallel), bool(blocked)  # either way, the same logits
         self.rope_cos, self.rope_sin = rope_tables(cfg)
         self._eps = np.float32(cfg.norm_eps)
+        self._forward = None
 
     @classmethod
     def from_checkpoint(cls, ck: Checkpoint, parallel: bool | None = None) -> "Engine":
@@ -127,12 +128,15 @@ class Engine:
         return state.logits[0]
 
     def _run(self, tokens: np.ndarray, pos: int, out: np.ndarray, state: RunState) -> None:
-        from .fp32 import forward
+        if self._forward is None:  # bound once: at ~20 us a token, Python-side work shows
+            from .fp32 import forward
 
-        w = self.weights
-        forward(
-            tokens, pos, out,
-            w.token_embedding, w.rms_att, w.wq, w.wk, w.wv, w.wo, w.rms_ffn, w.w1, w.w2, w.w3, w.rms_final, w.wcls,
+            w = self.weights
+            self._forward = forward
+            self._weight_args = (w.token_embedding, w.rms_att, w.wq, w.wk, w.wv, w.wo, w.rms_ffn, w.w1, w.w2, w.w3,
+                                 w.rms_final, w.wcls)
+        self._forward(
+            tokens, pos, out, *self._weight_args,
             state.key_cache, state.value_cache, state.x, state.xb, state.xb2, state.q, state.k, state.v,
             state.hb, state.hb2, state.att, state.att_lanes, self.rope_cos, self.rope_sin,
             self.config.n_heads, self._eps, self.parallel, self.blocked,

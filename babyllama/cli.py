@@ -96,6 +96,8 @@ def cmd_run(argv: list[str]) -> int:
     from .generate import Model  # numba and the engine load only now
 
     model = Model.load(args.model, args.tokenizer)
+    if model.engine.compiles_on_first_call:  # otherwise the first run looks hung
+        print("babyllama: compiling the engine for this machine (first run only, ~20 s)", file=sys.stderr)
     if args.mode == "chat":
         return _chat(model, args)
 

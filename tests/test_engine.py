@@ -123,3 +123,79 @@ def test_stories260k_matches_reference():
     got = Engine.from_checkpoint(ck).logits(tokens)
     want = reference_logits(ck.config, w, tokens)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+
+
+_CACHED_MODULE = """
+from numba import njit
+
+@njit(cache=True)
+def add_one(x):
+    return x + 1
+"""
+
+_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import cached_mod
+from babyllama.engine import compiles_on_first_call
+print(compiles_on_first_call(cached_mod.add_one))
+"""
+
+
+def test_compiles_on_first_call_sees_the_disk_cache(tmp_path):
+    """`babyllama run` warns before a first-ever compile; the check must see Numba's cache."""
+    import subprocess
+    import sys
+
+    (tmp_path / "cached_mod.py").write_text(_CACHED_MODULE)
+
+    def probe(code):
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    assert probe(_PROBE) == ["True"]  # nothing cached yet
+    assert probe(_PROBE + "cached_mod.add_one(1)\nprint(compiles_on_first_call(cached_mod.add_one))") == ["True", "False"]
+    assert probe(_PROBE) == ["False"]  # a new process finds the cache the last one wrote
+
+
+_SYNC_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import cached_mod
+from babyllama.engine import jitcache
+cached_mod.add_one(1)  # compiled (or loaded) and cached
+print(jitcache.sync([cached_mod.add_one], sys.argv[2]))
+"""
+
+
+def test_jitcache_drops_code_compiled_from_other_sources(tmp_path):
+    """Numba trusts a cache whose own source file is unchanged, even when a kernel it inlined
+    changed; babyllama keeps a digest of all its sources beside the cache and drops on change."""
+    import subprocess
+    import sys
+
+    (tmp_path / "cached_mod.py").write_text(_CACHED_MODULE)
+
+    def probe(code, *args):
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path), *args], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    def cold_after(digest):  # sync in one process, then does a new one find code to load?
+        dropped = probe(_SYNC_PROBE, digest) == ["True"]
+        assert probe(_PROBE) == [str(dropped)]
+        return dropped
+
+    assert cold_after("aaa")  # no digest stored yet: dropped, so the next run compiles
+    assert not cold_after("aaa")  # same sources: the cache is kept
+    assert cold_after("bbb")  # sources changed: dropped again
+    assert (tmp_path / "__pycache__" / "babyllama-sources.sha256").read_text().strip() == "bbb"
+
+
+def test_jitcache_knows_every_cached_function():
+    from babyllama.engine import jitcache
+
+    names = {f.py_func.__name__ for f in jitcache.cached_functions()}
+    assert {"forward", "qforward", "matmul", "attention", "softmax", "qmatmul", "sample_topp"} <= names
+    assert len(jitcache.sources_digest()) == 64

@@ -10,6 +10,7 @@ Nothing here allocates per token: forward writes into the state's buffers and re
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -24,6 +25,17 @@ PARALLEL_MIN_BYTES = 4 << 20
 # matmuls run eight rows side by side (kernels.matmul's `blocked`): ~20% faster on cached rows,
 # but ~1.5x slower on rows streaming from memory, where one row at a time is one sequential stream.
 BLOCKED_MAX_BYTES = 8 << 20
+
+
+def compiles_on_first_call(dispatcher) -> bool:
+    """True when a Numba function has no machine code yet, in memory or in its on-disk cache, so
+    its first call compiles (the engine's forward: tens of seconds, once per install)."""
+    if dispatcher.overloads:
+        return False
+    try:
+        return not os.path.exists(dispatcher._cache._cache_file._index_path)
+    except AttributeError:  # Numba's cache internals moved: say nothing rather than guess
+        return False
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +63,7 @@ class RunState:
         self.hb = np.zeros(cfg.hidden_dim, f32)  # SwiGLU hidden activations (w1 @ x, then gated)
         self.hb2 = np.zeros(cfg.hidden_dim, f32)  # w3 @ x
         self.att = np.zeros((cfg.n_heads, cfg.seq_len), f32)  # attention scores
-        self.att_lanes = np.zeros((cfg.n_heads, 16, cfg.seq_len), f32)  # their 16-lane partial sums
+        self.att_lanes = np.zeros((16, cfg.seq_len), f32)  # a head's 16-lane partial sums
         self.k = np.zeros(cfg.kv_dim, f32)  # this position's key and value before caching
         self.v = np.zeros(cfg.kv_dim, f32)
         # KV cache: keys (layer, kv head, head_size, position), values (layer, kv head, position,
@@ -74,6 +86,9 @@ class Engine:
 
     def __init__(self, cfg: ModelConfig, weights: Weights, parallel: bool | None = None,
                  blocked: bool | None = None):
+        from .jitcache import ensure_fresh
+
+        ensure_fresh()  # before any compiled code loads: no machine code from older sources
         self.config = cfg
         self.weights = weights
         if parallel is None:
@@ -97,6 +112,12 @@ class Engine:
 
     def new_state(self) -> RunState:
         return RunState(self.config)
+
+    @property
+    def compiles_on_first_call(self) -> bool:
+        from .fp32 import forward
+
+        return compiles_on_first_call(forward)
 
     def check_tokens(self, tokens: np.ndarray, pos: int) -> None:
         cfg = self.config
@@ -148,4 +169,4 @@ class Engine:
         return self.forward(tokens, 0, self.new_state(), all_logits=True)
 
 
-__all__ = ["Engine", "RunState", "rope_tables", "PARALLEL_MIN_BYTES", "BLOCKED_MAX_BYTES"]
+__all__ = ["Engine", "RunState", "rope_tables", "compiles_on_first_call", "PARALLEL_MIN_BYTES", "BLOCKED_MAX_BYTES"]

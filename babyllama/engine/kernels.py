@@ -258,18 +258,18 @@ def _head_weights(att, lanes, q, key_cache, pos, h, n_heads, scale):
 
 
 @njit(**JIT)
-def _weighted_sums(out, att, value_cache, n, h0, h1, n_heads):
-    """out_h = sum_{t < n} att[h, t] * v_t for heads h0 <= h < h1: each element a chain of fused
-    multiply-adds in t order (run.c's loop). The heads' 8-dim chunks go four at a time through
+def _weighted_sums(out, att, value_cache, n, n_heads):
+    """out_h = sum_{t < n} att[h, t] * v_t for every head h: each element a chain of fused
+    multiply-adds in t order (run.c's loop). All heads' 8-dim chunks go four at a time through
     ofast.fma_chains, a short last group repeating its final chunk; dims past a multiple of 8 are
     done one by one."""
     n_kv_heads, seq_len, head_size = value_cache.shape
     kv_mul = n_heads // n_kv_heads
     per_head = head_size // 8
-    units = (h1 - h0) * per_head
+    units = n_heads * per_head
     for g in range(0, units, 4):
         u = (min(g, units - 1), min(g + 1, units - 1), min(g + 2, units - 1), min(g + 3, units - 1))
-        h = (h0 + u[0] // per_head, h0 + u[1] // per_head, h0 + u[2] // per_head, h0 + u[3] // per_head)
+        h = (u[0] // per_head, u[1] // per_head, u[2] // per_head, u[3] // per_head)
         c = (8 * (u[0] % per_head), 8 * (u[1] % per_head), 8 * (u[2] % per_head), 8 * (u[3] % per_head))
         fma_chains(
             out, (h[0] * head_size + c[0], h[1] * head_size + c[1], h[2] * head_size + c[2], h[3] * head_size + c[3]),
@@ -278,7 +278,7 @@ def _weighted_sums(out, att, value_cache, n, h0, h1, n_heads):
                           (h[2] // kv_mul) * seq_len * head_size + c[2], (h[3] // kv_mul) * seq_len * head_size + c[3]),
             head_size, n,
         )
-    for h in range(h0, h1):
+    for h in range(n_heads):
         vh = value_cache[h // kv_mul]  # (seq_len, head_size)
         for i in range(8 * per_head, head_size):
             acc = f32(0.0)
@@ -287,24 +287,23 @@ def _weighted_sums(out, att, value_cache, n, h0, h1, n_heads):
             out[h * head_size + i] = acc
 
 
-@njit(parallel=True, **JIT)
-def attention(out, q, key_cache, value_cache, att, att_lanes, pos, n_heads, parallel):
+@njit(**JIT)
+def attention(out, q, key_cache, value_cache, att, att_lanes, pos, n_heads):
     """Causal multi-head attention of one query position over cache positions 0..pos.
 
     q, out: (n_heads * head_size,); key_cache (n_kv_heads, head_size, seq_len) and value_cache
     (n_kv_heads, seq_len, head_size): one layer's (store_kv). att (n_heads, seq_len) and
-    att_lanes (n_heads, 16, seq_len): scratch. Query head h reads kv head
-    h // (n_heads / n_kv_heads) (grouped-query attention, Ainslie et al. 2023).
+    att_lanes (16, seq_len): scratch. Query head h reads kv head h // (n_heads / n_kv_heads)
+    (grouped-query attention, Ainslie et al. 2023).
+
+    One thread, even for models whose matmuls use several: the heads' weighted sums run
+    together (_weighted_sums), and a threaded version measured ~1% of a 15M-110M token while
+    its compiled code cost ~15 s more on the first-ever run.
     """
     scale = inv_sqrt(f32(key_cache.shape[1]))  # score /= sqrtf(head_size), as compiled
-    if parallel:
-        for h in prange(n_heads):
-            _head_weights(att[h], att_lanes[h], q, key_cache, pos, h, n_heads, scale)
-            _weighted_sums(out, att, value_cache, pos + 1, h, h + 1, n_heads)
-    else:  # all heads' sums together: more independent chains in flight (_weighted_sums)
-        for h in range(n_heads):
-            _head_weights(att[h], att_lanes[h], q, key_cache, pos, h, n_heads, scale)
-        _weighted_sums(out, att, value_cache, pos + 1, 0, n_heads, n_heads)
+    for h in range(n_heads):
+        _head_weights(att[h], att_lanes, q, key_cache, pos, h, n_heads, scale)
+    _weighted_sums(out, att, value_cache, pos + 1, n_heads)
 
 
 @njit(**JIT)

@@ -21,7 +21,7 @@ from numba import njit
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..quant import QuantMatrix, QuantWeights
-from . import Engine, RunState
+from . import Engine, RunState, compiles_on_first_call
 from .kernels import JIT, attention, rmsnorm, rope, silu_mul, store_kv
 from .qkernels import dequantize_row, qmatmul, qmatmul2, qmatmul3, quantize_activations
 
@@ -78,6 +78,10 @@ class QuantEngine(Engine):
     def new_state(self) -> QuantRunState:
         return QuantRunState(self.config, self.group_size)
 
+    @property
+    def compiles_on_first_call(self) -> bool:
+        return compiles_on_first_call(qforward)
+
     def _run(self, tokens: np.ndarray, pos: int, out: np.ndarray, state: QuantRunState) -> None:
         w = self.weights
         qforward(
@@ -125,7 +129,7 @@ def qforward(
             rope(q, n_heads, head_size, cos, sin)
             rope(k, kv_dim // head_size, head_size, cos, sin)
             store_kv(key_cache[l], value_cache[l], k, v, pos)
-            attention(xb, q, key_cache[l], value_cache[l], att, att_lanes, pos, n_heads, parallel)  # (dim,)
+            attention(xb, q, key_cache[l], value_cache[l], att, att_lanes, pos, n_heads)  # (dim,)
             quantize_activations(xq, xs, xb, gs)
             _mm(xb2, wo, l, xq, xs, gs, bits, parallel)  # (dim,)
             for i in range(dim):

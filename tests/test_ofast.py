@@ -248,3 +248,25 @@ def test_gates_are_the_primitives_composed():
     assert got.view(np.int32).tolist() == want.view(np.int32).tolist()
     silu = hb / (1 + np.exp(-hb.astype(np.float64))) * hb2
     np.testing.assert_allclose(got, silu, rtol=1e-5, atol=1e-6)
+
+
+@njit(cache=False)
+def _columns(out, oo, q, k, ko, d, stride, scale):
+    ofast.dot16_columns(out, oo, q, 0, k, ko, d, stride, scale)
+
+
+@pytest.mark.parametrize("d", [1, 6, 8, 12, 16, 24, 40, 48, 64, 100])
+def test_dot16_columns_are_dots_of_the_columns(d):
+    """Attention's scores: 16 positions' dot products at once, each exactly dot() times scale."""
+    rng = np.random.default_rng(d + 200)
+    stride = 37
+    k = rng.standard_normal((d, stride)).astype(F32)
+    q = (rng.standard_normal(d) * 10).astype(F32)
+    scale = F32(0.125)
+    out = np.full(20, np.nan, F32)
+    _columns(out, 2, q, k, 5, d, stride, scale)  # columns 5..20 into out[2:18]
+    for j in range(16):
+        col = np.ascontiguousarray(k[:, 5 + j])
+        want = F32(_dot(q, 0, col, 0, d)) * scale
+        assert out[2 + j].view(np.int32) == F32(want).view(np.int32)
+    assert np.isnan(out[:2]).all() and np.isnan(out[18:]).all()

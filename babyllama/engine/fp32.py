@@ -19,7 +19,7 @@ from .kernels import (
 def forward(
     tokens, pos0, logits_out,  # (T,) token ids at positions pos0..pos0+T-1; (T or 1, vocab) output
     token_embedding, rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3, rms_final, wcls,  # weights
-    key_cache, value_cache, x, xb, xb2, q, k, v, hb, hb2, att, att_lanes, rope_cos, rope_sin,  # run state
+    key_cache, value_cache, x, xb, xb2, q, k, v, hb, hb2, att, rope_cos, rope_sin,  # run state
     n_heads, eps, parallel, blocked,
 ):
     """Feed T tokens through the model, filling the KV cache; write logits.
@@ -45,7 +45,7 @@ def forward(
             rope(q, n_heads, head_size, cos, sin)
             rope(k, kv_dim // head_size, head_size, cos, sin)
             store_kv(key_cache[l], value_cache[l], k, v, pos)
-            attention(xb, q, key_cache[l], value_cache[l], att, att_lanes, pos, n_heads)  # (dim,)
+            attention(xb, q, key_cache[l], value_cache[l], att, pos, n_heads)  # (dim,)
             matmul(xb2, wo[l], xb, parallel, blocked)  # (dim,)
             for i in range(dim):
                 x[i] += xb2[i]  # residual

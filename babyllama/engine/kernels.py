@@ -18,6 +18,7 @@ from numba import njit, prange
 from .ofast import (
     dot,
     dot8,
+    dot16_columns,
     f32,
     fma,
     fma_chains,
@@ -174,7 +175,7 @@ def silu_mul(hb, hb2):
 @njit(**JIT)
 def store_kv(key_cache, value_cache, k, v, pos):
     """Write this position's key and value into one layer's caches: keys head-major
-    (n_kv_heads, head_size, seq_len), values position-major (n_kv_heads, seq_len, head_size).
+    (n_kv_heads, head_size, row >= seq_len), values position-major (n_kv_heads, seq_len, head_size).
 
     Each layout makes its half of the attention a contiguous loop that keeps llama2.c's order:
     the scores vectorize across positions, the weighted sum across the head's dimensions.
@@ -187,74 +188,24 @@ def store_kv(key_cache, value_cache, k, v, pos):
 
 
 @njit(**JIT)
-def _scores(att, lanes, q, qo, kh, n):
-    """att[t] = dot(q[qo:qo+hs], k_t) for t < n, in ofast.dot's order, for all t at once.
-
-    kh: (head_size, seq_len), one kv head's keys. lanes: (16, seq_len) scratch holding the
-    16-lane accumulator of every position (lane l sums dims 16c + l), so every step is a loop
-    over positions that vectorizes, and each position still gets exactly gcc's sum.
-    """
-    head_size = kh.shape[0]
-    n16 = head_size // 16
-    j = 16 * n16
-    has8 = head_size - j >= 8
-    if n16 == 0:  # small heads (stories260K: 8): no 16-lane block, one pass over the positions
-        if has8:
-            q0, q1, q2, q3, q4, q5, q6, q7 = q[qo], q[qo + 1], q[qo + 2], q[qo + 3], q[qo + 4], q[qo + 5], q[qo + 6], q[qo + 7]
-            k0, k1, k2, k3, k4, k5, k6, k7 = kh[0], kh[1], kh[2], kh[3], kh[4], kh[5], kh[6], kh[7]
-            for t in range(n):  # fma(q, k, 0) is the rounded product; then the fold
-                att[t] = ((q7 * k7[t] + q3 * k3[t]) + (q5 * k5[t] + q1 * k1[t])) + (
-                    (q6 * k6[t] + q2 * k2[t]) + (q4 * k4[t] + q0 * k0[t]))
-            j = 8
-        else:
-            for t in range(n):
-                att[t] = 0.0
-    else:
-        for l in range(16):  # the first block's products start the lanes (fma(q, k, 0) = q * k)
-            qi = q[qo + l]
-            k_i = kh[l]
-            acc = lanes[l]
-            for t in range(n):
-                acc[t] = qi * k_i[t]
-        for c in range(1, n16):
-            for l in range(16):
-                qi = q[qo + 16 * c + l]
-                k_i = kh[16 * c + l]
-                acc = lanes[l]
-                for t in range(n):
-                    acc[t] = fma(qi, k_i[t], acc[t])
-        for l in range(8):  # high half onto low half, then the 8-lane step
-            hi, lo = lanes[l + 8], lanes[l]
-            for t in range(n):
-                lo[t] = hi[t] + lo[t]
-        if has8:
-            for l in range(8):
-                qi = q[qo + j + l]
-                k_i = kh[j + l]
-                acc = lanes[l]
-                for t in range(n):
-                    acc[t] = fma(qi, k_i[t], acc[t])
-            j += 8
-        v0, v1, v2, v3, v4, v5, v6, v7 = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7]
-        for t in range(n):
-            att[t] = ((v7[t] + v3[t]) + (v5[t] + v1[t])) + ((v6[t] + v2[t]) + (v4[t] + v0[t]))  # the fold of ofast._reduce_ir
-    for m in range(j, head_size):  # the last < 8 dims, one by one
-        qi = q[qo + m]
-        k_i = kh[m]
-        for t in range(n):
-            att[t] = fma(qi, k_i[t], att[t])
-
-
-@njit(**JIT)
-def _head_weights(att, lanes, q, key_cache, pos, h, n_heads, scale):
+def _head_weights(att, q, key_cache, pos, h, n_heads, scale):
     """att[:pos+1] = softmax(q_h . k_t * (1/sqrt(head_size))), llama2.c's scores and softmax (with
-    element 0 peeled, as gcc compiles the one inlined into forward)."""
-    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[1]
+    element 0 peeled, as gcc compiles the one inlined into forward). The scores go 16 positions
+    at a time (ofast.dot16_columns); the rows have room for the last block (key_row_length)."""
+    n_kv_heads, head_size, row = key_cache.shape[0], key_cache.shape[1], key_cache.shape[2]
     n = pos + 1
-    _scores(att, lanes, q, h * head_size, key_cache[h // (n_heads // n_kv_heads)], n)
-    for t in range(n):
-        att[t] *= scale
+    kh = key_cache[h // (n_heads // n_kv_heads)]  # (head_size, row)
+    for t in range(0, n, 16):
+        dot16_columns(att, t, q, h * head_size, kh, t, head_size, row, scale)
     softmax(att, n, True)
+
+
+@njit(inline="always", **JIT)
+def _chunk(u, per_head, head_size, row, seq_len, kv_mul):
+    """Flat offsets of weighted-sum unit u (head u // per_head, its 8-dim chunk u % per_head) into
+    out, att (rows of `row`) and value_cache (kv head's (seq_len, head_size) block)."""
+    h, c = u // per_head, 8 * (u % per_head)
+    return h * head_size + c, h * row, (h // kv_mul) * seq_len * head_size + c
 
 
 @njit(**JIT)
@@ -264,20 +215,16 @@ def _weighted_sums(out, att, value_cache, n, n_heads):
     ofast.fma_chains, a short last group repeating its final chunk; dims past a multiple of 8 are
     done one by one."""
     n_kv_heads, seq_len, head_size = value_cache.shape
+    row = att.shape[1]
     kv_mul = n_heads // n_kv_heads
     per_head = head_size // 8
-    units = n_heads * per_head
-    for g in range(0, units, 4):
-        u = (min(g, units - 1), min(g + 1, units - 1), min(g + 2, units - 1), min(g + 3, units - 1))
-        h = (u[0] // per_head, u[1] // per_head, u[2] // per_head, u[3] // per_head)
-        c = (8 * (u[0] % per_head), 8 * (u[1] % per_head), 8 * (u[2] % per_head), 8 * (u[3] % per_head))
-        fma_chains(
-            out, (h[0] * head_size + c[0], h[1] * head_size + c[1], h[2] * head_size + c[2], h[3] * head_size + c[3]),
-            att, (h[0] * seq_len, h[1] * seq_len, h[2] * seq_len, h[3] * seq_len),
-            value_cache, ((h[0] // kv_mul) * seq_len * head_size + c[0], (h[1] // kv_mul) * seq_len * head_size + c[1],
-                          (h[2] // kv_mul) * seq_len * head_size + c[2], (h[3] // kv_mul) * seq_len * head_size + c[3]),
-            head_size, n,
-        )
+    last = n_heads * per_head - 1
+    for g in range(0, last + 1, 4):
+        o0, a0, v0 = _chunk(g, per_head, head_size, row, seq_len, kv_mul)
+        o1, a1, v1 = _chunk(min(g + 1, last), per_head, head_size, row, seq_len, kv_mul)
+        o2, a2, v2 = _chunk(min(g + 2, last), per_head, head_size, row, seq_len, kv_mul)
+        o3, a3, v3 = _chunk(min(g + 3, last), per_head, head_size, row, seq_len, kv_mul)
+        fma_chains(out, (o0, o1, o2, o3), att, (a0, a1, a2, a3), value_cache, (v0, v1, v2, v3), head_size, n)
     for h in range(n_heads):
         vh = value_cache[h // kv_mul]  # (seq_len, head_size)
         for i in range(8 * per_head, head_size):
@@ -288,21 +235,19 @@ def _weighted_sums(out, att, value_cache, n, n_heads):
 
 
 @njit(**JIT)
-def attention(out, q, key_cache, value_cache, att, att_lanes, pos, n_heads):
+def attention(out, q, key_cache, value_cache, att, pos, n_heads):
     """Causal multi-head attention of one query position over cache positions 0..pos.
 
-    q, out: (n_heads * head_size,); key_cache (n_kv_heads, head_size, seq_len) and value_cache
-    (n_kv_heads, seq_len, head_size): one layer's (store_kv). att (n_heads, seq_len) and
-    att_lanes (16, seq_len): scratch. Query head h reads kv head h // (n_heads / n_kv_heads)
-    (grouped-query attention, Ainslie et al. 2023).
+    q, out: (n_heads * head_size,); key_cache (n_kv_heads, head_size, row) and value_cache
+    (n_kv_heads, seq_len, head_size): one layer's (store_kv). att (n_heads, row): scratch. Query
+    head h reads kv head h // (n_heads / n_kv_heads) (grouped-query attention, Ainslie et al. 2023).
 
-    One thread, even for models whose matmuls use several: the heads' weighted sums run
-    together (_weighted_sums), and a threaded version measured ~1% of a 15M-110M token while
-    its compiled code cost ~15 s more on the first-ever run.
+    One thread, even for models whose matmuls use several: a threaded version measured ~1% of a
+    15M-110M token while its compiled code cost ~15 s more on the first-ever run.
     """
     scale = inv_sqrt(f32(key_cache.shape[1]))  # score /= sqrtf(head_size), as compiled
     for h in range(n_heads):
-        _head_weights(att[h], att_lanes, q, key_cache, pos, h, n_heads, scale)
+        _head_weights(att[h], q, key_cache, pos, h, n_heads, scale)
     _weighted_sums(out, att, value_cache, pos + 1, n_heads)
 
 

@@ -376,6 +376,62 @@ def dot8(typingctx, out, oo, w, wo, x, xo, n):
 
 
 @intrinsic
+def dot16_columns(typingctx, out, oo, q, qo, k, ko, d, stride, scale):
+    """out[oo + j] = dot(q[qo : qo + d], column j of k) * scale for the 16 columns j = 0..15 of a
+    (d, stride) row-major block at k[ko:], each dot bit for bit ofast.dot's. Attention's scores:
+    k is one kv head's keys stored (head_size, seq_len), a column one position's key.
+
+    Vectors run across the 16 positions, so each of _reduce_ir's 16 lanes is a register holding
+    that lane for all 16 positions: the same operations in the same order per position, and every
+    step one vector instruction, where a loop over positions per lane kept its partial sums in memory.
+    """
+    if not (_is_f32_array(out) and _is_f32_array(q) and _is_f32_array(k) and scale == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        po = _data_at(context, builder, ty[0], args[0], args[1], ty[1])
+        pq = _data_at(context, builder, ty[2], args[2], args[3], ty[3])
+        pk = _data_at(context, builder, ty[4], args[4], args[5], ty[5])
+        d, stride = (context.cast(builder, args[i], ty[i], types.int64) for i in (6, 7))
+        v16 = ir.VectorType(_F32, 16)
+        fma16 = _fma_fn(builder.module, v16)
+
+        def splat(value):
+            return _shuffle(builder, builder.insert_element(ir.Constant(v16, None), value, ir.Constant(_I32, 0)),
+                            ir.Constant(v16, None), [0] * 16)
+
+        def step(acc, dim):  # acc = fma(q[dim], k[dim, 0:16], acc)
+            row = _load_vec(builder, pk, builder.mul(dim, stride), v16)
+            builder.store(builder.call(fma16, [splat(builder.load(builder.gep(pq, [dim]))), row, builder.load(acc)]), acc)
+
+        lanes = [cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16)) for _ in range(16)]
+        n16 = builder.sdiv(d, ir.Constant(_I64, 16))
+        with cgutils.for_range(builder, n16) as loop:
+            base = builder.mul(loop.index, ir.Constant(_I64, 16))
+            for lane in range(16):
+                step(lanes[lane], builder.add(base, ir.Constant(_I64, lane)))
+        e = [cgutils.alloca_once_value(builder, builder.fadd(builder.load(lanes[i + 8]), builder.load(lanes[i])))
+             for i in range(8)]  # high half onto low half
+        done = cgutils.alloca_once_value(builder, builder.mul(n16, ir.Constant(_I64, 16)))
+        with builder.if_then(builder.icmp_signed(">=", builder.sub(d, builder.load(done)), ir.Constant(_I64, 8))):
+            for lane in range(8):
+                step(e[lane], builder.add(builder.load(done), ir.Constant(_I64, lane)))
+            builder.store(builder.add(builder.load(done), ir.Constant(_I64, 8)), done)
+        v = [builder.load(x) for x in e]
+        u = [builder.fadd(v[i + 4], v[i]) for i in range(4)]  # the fold: i + 4 onto i, 2+0 and 3+1, 1+0
+        s = cgutils.alloca_once_value(builder, builder.fadd(builder.fadd(u[3], u[1]), builder.fadd(u[2], u[0])))
+        start = builder.load(done)
+        with cgutils.for_range(builder, builder.sub(d, start)) as loop:  # the last < 8 dims
+            step(s, builder.add(start, loop.index))
+        result = builder.fmul(builder.load(s), splat(args[8]))
+        builder.store(result, builder.bitcast(po, v16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(out, oo, q, qo, k, ko, d, stride, scale), codegen
+
+
+@intrinsic
 def vsum(typingctx, x, o, n, s):
     """s + sum(x.flat[o:o+n]) as gcc -Ofast vectorizes `s += x[i]` (s joins after the fold)."""
     if not (_is_f32_array(x) and s == types.float32):

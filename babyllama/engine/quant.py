@@ -89,7 +89,7 @@ class QuantEngine(Engine):
             w.rms_att, w.rms_ffn, w.rms_final, _m(w.token_embedding),
             _m(w.wq), _m(w.wk), _m(w.wv), _m(w.wo), _m(w.w1), _m(w.w2), _m(w.w3), _m(w.wcls),
             state.key_cache, state.value_cache, state.x, state.xb, state.xb2, state.q, state.k, state.v,
-            state.hb, state.hb2, state.att, state.att_lanes, state.xq, state.xs, state.hq, state.hs, self.rope_cos, self.rope_sin,
+            state.hb, state.hb2, state.att, state.xq, state.xs, state.hq, state.hs, self.rope_cos, self.rope_sin,
             self.config.n_heads, self._eps, w.group_size, w.bits, self.parallel,
         )
         state.pos = pos + tokens.shape[0]
@@ -106,7 +106,7 @@ def qforward(
     tokens, pos0, logits_out,  # (T,) token ids at positions pos0..; (T or 1, vocab) output
     rms_att, rms_ffn, rms_final, token_embedding,  # fp32 norms; quantized matrices are
     wq, wk, wv, wo, w1, w2, w3, wcls,  # (data, offsets, scales) triples
-    key_cache, value_cache, x, xb, xb2, q, k, v, hb, hb2, att, att_lanes, xq, xs, hq, hs, rope_cos, rope_sin,  # run state
+    key_cache, value_cache, x, xb, xb2, q, k, v, hb, hb2, att, xq, xs, hq, hs, rope_cos, rope_sin,  # run state
     n_heads, eps, gs, bits, parallel,
 ):
     """runq's forward for T tokens (decode T=1, prefill T>1 one token after another)."""
@@ -129,7 +129,7 @@ def qforward(
             rope(q, n_heads, head_size, cos, sin)
             rope(k, kv_dim // head_size, head_size, cos, sin)
             store_kv(key_cache[l], value_cache[l], k, v, pos)
-            attention(xb, q, key_cache[l], value_cache[l], att, att_lanes, pos, n_heads)  # (dim,)
+            attention(xb, q, key_cache[l], value_cache[l], att, pos, n_heads)  # (dim,)
             quantize_activations(xq, xs, xb, gs)
             _mm(xb2, wo, l, xq, xs, gs, bits, parallel)  # (dim,)
             for i in range(dim):

@@ -200,11 +200,3 @@ def test_jitcache_knows_every_cached_function():
     assert {"forward", "qforward", "matmul", "attention", "softmax", "qmatmul", "sample_topp"} <= names
     assert len(jitcache.sources_digest()) == 64
 
-
-def test_key_rows_leave_room_for_a_block_and_avoid_4k_strides():
-    from babyllama.engine import key_row_length
-
-    for seq_len in [1, 15, 16, 240, 256, 496, 512, 1008, 1024, 2048, 4096]:
-        row = key_row_length(seq_len)
-        assert seq_len + 16 <= row <= seq_len + 32  # the scores' last 16-position block fits
-        assert (4 * row) % 1024 != 0  # rows 1 KB apart would share L1 sets every 4 rows

@@ -49,15 +49,6 @@ def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     return rope_table(cfg.seq_len, cfg.head_size, np.float32(math.log(cfg.rope_theta)))
 
 
-def key_row_length(seq_len: int) -> int:
-    """Floats per row of the key cache and of the scores: seq_len plus room for one more block of
-    16 positions (attention scores positions 16 at a time), plus 16 more if the row would be a
-    multiple of 1 KB: the scores read 16 floats from every row of a head, and rows a multiple of
-    4 KB apart all land in the same L1 cache set (measured 3x slower at seq_len 1024)."""
-    row = seq_len + 16
-    return row + 16 if row % 256 == 0 else row
-
-
 class RunState:
     """Everything that changes while generating: activations scratch and the KV cache."""
 
@@ -71,13 +62,13 @@ class RunState:
         self.q = np.zeros(cfg.dim, f32)
         self.hb = np.zeros(cfg.hidden_dim, f32)  # SwiGLU hidden activations (w1 @ x, then gated)
         self.hb2 = np.zeros(cfg.hidden_dim, f32)  # w3 @ x
-        row = key_row_length(cfg.seq_len)
-        self.att = np.zeros((cfg.n_heads, row), f32)  # attention scores (positions 0..seq_len-1)
+        tiles = -(-cfg.seq_len // 16)  # positions in tiles of 16 (kernels.store_kv)
+        self.att = np.zeros((cfg.n_heads, 16 * tiles), f32)  # attention scores
         self.k = np.zeros(cfg.kv_dim, f32)  # this position's key and value before caching
         self.v = np.zeros(cfg.kv_dim, f32)
-        # KV cache: keys (layer, kv head, head_size, position), values (layer, kv head, position,
-        # head_size); kernels.store_kv says why
-        self.key_cache = np.zeros((cfg.n_layers, cfg.n_kv_heads, cfg.head_size, row), f32)
+        # KV cache: keys (layer, kv head, position tile, head_size, position in tile), values
+        # (layer, kv head, position, head_size); kernels.store_kv says why
+        self.key_cache = np.zeros((cfg.n_layers, cfg.n_kv_heads, tiles, cfg.head_size, 16), f32)
         self.value_cache = np.zeros((cfg.n_layers, cfg.n_kv_heads, cfg.seq_len, cfg.head_size), f32)
         self.logits = np.zeros((1, cfg.vocab_size), f32)
 
@@ -178,4 +169,4 @@ class Engine:
         return self.forward(tokens, 0, self.new_state(), all_logits=True)
 
 
-__all__ = ["Engine", "RunState", "key_row_length", "rope_tables", "compiles_on_first_call", "PARALLEL_MIN_BYTES", "BLOCKED_MAX_BYTES"]
+__all__ = ["Engine", "RunState", "rope_tables", "compiles_on_first_call", "PARALLEL_MIN_BYTES", "BLOCKED_MAX_BYTES"]

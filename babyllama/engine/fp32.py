@@ -45,7 +45,7 @@ def forward(
             rope(q, n_heads, head_size, cos, sin)
             rope(k, kv_dim // head_size, head_size, cos, sin)
             store_kv(key_cache[l], value_cache[l], k, v, pos)
-            attention(xb, q, key_cache[l], value_cache[l], att, pos, n_heads)  # (dim,)
+            attention(xb, q, key_cache[l], value_cache[l], att, pos, n_heads, parallel)  # (dim,)
             matmul(xb2, wo[l], xb, parallel, blocked)  # (dim,)
             for i in range(dim):
                 x[i] += xb2[i]  # residual

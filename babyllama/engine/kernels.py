@@ -174,29 +174,34 @@ def silu_mul(hb, hb2):
 
 @njit(**JIT)
 def store_kv(key_cache, value_cache, k, v, pos):
-    """Write this position's key and value into one layer's caches: keys head-major
-    (n_kv_heads, head_size, row >= seq_len), values position-major (n_kv_heads, seq_len, head_size).
+    """Write this position's key and value into one layer's caches: keys in tiles of 16 positions
+    (n_kv_heads, tiles, head_size, 16), values position-major (n_kv_heads, seq_len, head_size).
 
-    Each layout makes its half of the attention a contiguous loop that keeps llama2.c's order:
-    the scores vectorize across positions, the weighted sum across the head's dimensions.
+    Each layout makes its half of the attention a sequential read that keeps llama2.c's order: a
+    tile is the (head_size, 16) block the scores take at once (16 positions side by side), and
+    the weighted sum reads each position's value as one vector. Keys (head_size, seq_len) would
+    read 64 bytes from each of head_size rows a block, rows apart: slow once the cache has been
+    evicted by the weights streaming past (a large model, every token).
     """
-    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[1]
+    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[2]
+    tile, slot = pos // 16, pos % 16
     for g in range(n_kv_heads):
         for i in range(head_size):
-            key_cache[g, i, pos] = k[g * head_size + i]
+            key_cache[g, tile, i, slot] = k[g * head_size + i]
             value_cache[g, pos, i] = v[g * head_size + i]
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _head_weights(att, q, key_cache, pos, h, n_heads, scale):
     """att[:pos+1] = softmax(q_h . k_t * (1/sqrt(head_size))), llama2.c's scores and softmax (with
-    element 0 peeled, as gcc compiles the one inlined into forward). The scores go 16 positions
-    at a time (ofast.dot16_columns); the rows have room for the last block (key_row_length)."""
-    n_kv_heads, head_size, row = key_cache.shape[0], key_cache.shape[1], key_cache.shape[2]
+    element 0 peeled, as gcc compiles the one inlined into forward). The scores go one tile of 16
+    positions at a time (ofast.dot16_columns); the last tile's unused positions are computed too,
+    from zeros or stale keys, and never read."""
+    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[2]
     n = pos + 1
-    kh = key_cache[h // (n_heads // n_kv_heads)]  # (head_size, row)
-    for t in range(0, n, 16):
-        dot16_columns(att, t, q, h * head_size, kh, t, head_size, row, scale)
+    kh = key_cache[h // (n_heads // n_kv_heads)]  # (tiles, head_size, 16)
+    for b in range((n + 15) // 16):
+        dot16_columns(att, 16 * b, q, h * head_size, kh, b * head_size * 16, head_size, 16, scale)
     softmax(att, n, True)
 
 
@@ -208,24 +213,24 @@ def _chunk(u, per_head, head_size, row, seq_len, kv_mul):
     return h * head_size + c, h * row, (h // kv_mul) * seq_len * head_size + c
 
 
-@njit(**JIT)
-def _weighted_sums(out, att, value_cache, n, n_heads):
-    """out_h = sum_{t < n} att[h, t] * v_t for every head h: each element a chain of fused
-    multiply-adds in t order (run.c's loop). All heads' 8-dim chunks go four at a time through
+@njit(inline="always", **JIT)
+def _weighted_sums(out, att, value_cache, n, h0, h1, n_heads):
+    """out_h = sum_{t < n} att[h, t] * v_t for heads h0 <= h < h1: each element a chain of fused
+    multiply-adds in t order (run.c's loop). The heads' 8-dim chunks go four at a time through
     ofast.fma_chains, a short last group repeating its final chunk; dims past a multiple of 8 are
     done one by one."""
     n_kv_heads, seq_len, head_size = value_cache.shape
     row = att.shape[1]
     kv_mul = n_heads // n_kv_heads
     per_head = head_size // 8
-    last = n_heads * per_head - 1
-    for g in range(0, last + 1, 4):
+    first, last = h0 * per_head, h1 * per_head - 1
+    for g in range(first, last + 1, 4):
         o0, a0, v0 = _chunk(g, per_head, head_size, row, seq_len, kv_mul)
         o1, a1, v1 = _chunk(min(g + 1, last), per_head, head_size, row, seq_len, kv_mul)
         o2, a2, v2 = _chunk(min(g + 2, last), per_head, head_size, row, seq_len, kv_mul)
         o3, a3, v3 = _chunk(min(g + 3, last), per_head, head_size, row, seq_len, kv_mul)
         fma_chains(out, (o0, o1, o2, o3), att, (a0, a1, a2, a3), value_cache, (v0, v1, v2, v3), head_size, n)
-    for h in range(n_heads):
+    for h in range(h0, h1):
         vh = value_cache[h // kv_mul]  # (seq_len, head_size)
         for i in range(8 * per_head, head_size):
             acc = f32(0.0)
@@ -234,21 +239,29 @@ def _weighted_sums(out, att, value_cache, n, n_heads):
             out[h * head_size + i] = acc
 
 
-@njit(**JIT)
-def attention(out, q, key_cache, value_cache, att, pos, n_heads):
+@njit(parallel=True, **JIT)
+def attention(out, q, key_cache, value_cache, att, pos, n_heads, parallel):
     """Causal multi-head attention of one query position over cache positions 0..pos.
 
-    q, out: (n_heads * head_size,); key_cache (n_kv_heads, head_size, row) and value_cache
-    (n_kv_heads, seq_len, head_size): one layer's (store_kv). att (n_heads, row): scratch. Query
-    head h reads kv head h // (n_heads / n_kv_heads) (grouped-query attention, Ainslie et al. 2023).
+    q, out: (n_heads * head_size,); key_cache (n_kv_heads, tiles, head_size, 16) and value_cache
+    (n_kv_heads, seq_len, head_size): one layer's (store_kv). att (n_heads, 16 * tiles): scratch.
+    Query head h reads kv head h // (n_heads / n_kv_heads) (grouped-query attention, Ainslie et
+    al. 2023).
 
-    One thread, even for models whose matmuls use several: a threaded version measured ~1% of a
-    15M-110M token while its compiled code cost ~15 s more on the first-ever run.
+    In a large model the cache is evicted by the weights streaming past every token, and attention
+    waits on memory: threads take heads. One thread does all heads' weighted sums together (more
+    chains in flight). The helpers are inlined: called from the prange body, each would be
+    compiled again into the thread-pool function, seconds of the first-ever run.
     """
-    scale = inv_sqrt(f32(key_cache.shape[1]))  # score /= sqrtf(head_size), as compiled
-    for h in range(n_heads):
-        _head_weights(att[h], q, key_cache, pos, h, n_heads, scale)
-    _weighted_sums(out, att, value_cache, pos + 1, n_heads)
+    scale = inv_sqrt(f32(key_cache.shape[2]))  # score /= sqrtf(head_size), as compiled
+    if parallel:
+        for h in prange(n_heads):
+            _head_weights(att[h], q, key_cache, pos, h, n_heads, scale)
+            _weighted_sums(out, att, value_cache, pos + 1, h, h + 1, n_heads)
+    else:
+        for h in range(n_heads):
+            _head_weights(att[h], q, key_cache, pos, h, n_heads, scale)
+        _weighted_sums(out, att, value_cache, pos + 1, 0, n_heads, n_heads)
 
 
 @njit(**JIT)

@@ -379,7 +379,7 @@ def dot8(typingctx, out, oo, w, wo, x, xo, n):
 def dot16_columns(typingctx, out, oo, q, qo, k, ko, d, stride, scale):
     """out[oo + j] = dot(q[qo : qo + d], column j of k) * scale for the 16 columns j = 0..15 of a
     (d, stride) row-major block at k[ko:], each dot bit for bit ofast.dot's. Attention's scores:
-    k is one kv head's keys stored (head_size, seq_len), a column one position's key.
+    the block is a tile of 16 positions' keys (head_size, 16), a column one position's key.
 
     Vectors run across the 16 positions, so each of _reduce_ir's 16 lanes is a register holding
     that lane for all 16 positions: the same operations in the same order per position, and every
@@ -522,7 +522,7 @@ def fma_chains(typingctx, out, oo, w, wo, v, vo, vstride, n):
     return types.void(out, oo, w, wo, v, vo, vstride, n), codegen
 
 
-@njit(**OJIT)
+@njit(inline="always", **OJIT)
 def vexp_shifted(x, o, n, m):
     """x[o:o+n] = expf(x - m), each element through the implementation its position gets:
     libmvec's 16-lane expf for whole blocks of 16, the 8-lane one for a block of 8, libm's after."""
@@ -539,7 +539,7 @@ def vexp_shifted(x, o, n, m):
         x[k] = np.exp(x[k])
 
 
-@njit(**OJIT)
+@njit(inline="always", **OJIT)
 def softmax(x, n, peel_first):
     """In-place softmax of x[:n] (run.c's: max, expf(x - max) and their sum, then x * (1 / sum)).
 

@@ -129,7 +129,7 @@ def qforward(
             rope(q, n_heads, head_size, cos, sin)
             rope(k, kv_dim // head_size, head_size, cos, sin)
             store_kv(key_cache[l], value_cache[l], k, v, pos)
-            attention(xb, q, key_cache[l], value_cache[l], att, pos, n_heads)  # (dim,)
+            attention(xb, q, key_cache[l], value_cache[l], att, pos, n_heads, parallel)  # (dim,)
             quantize_activations(xq, xs, xb, gs)
             _mm(xb2, wo, l, xq, xs, gs, bits, parallel)  # (dim,)
             for i in range(dim):

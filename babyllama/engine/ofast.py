@@ -303,6 +303,8 @@ def dot(typingctx, a, ao, b, bo, n):
 
 
 def _shuffle(builder, a, b, mask):
+    """LLVM shufflevector of a and b: lane i of the result is lane mask[i] of a ++ b."""
+    mask = list(mask)
     return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(mask)), mask))
 
 

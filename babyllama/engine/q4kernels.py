@@ -31,15 +31,13 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .ofast import _shuffle
+
 # qkernels.QJIT (not imported: qkernels imports this module): no fastmath, runq's float order
 QJIT = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
 
 _I8, _I32 = ir.IntType(8), ir.IntType(32)
 
-
-def _shuffle(builder, a, b, lanes):
-    lanes = list(lanes)
-    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(lanes)), lanes))
 
 
 def _add_shuffles(builder, a, b, first, second):

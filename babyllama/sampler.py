@@ -44,6 +44,10 @@ _MULT = np.uint64(0x2545F4914F6CDD1D)
 _TWO_POW_24 = np.float32(16777216.0)
 
 
+# Only what Python calls keeps machine code on disk (cache=True); the helpers are compiled into
+# `sample`, which then inlines them (a helper loaded from the cache would be called opaquely).
+
+
 @njit(cache=True)
 def random_u32(rng_state):
     """Advance the xorshift state (a uint64 array of length 1) and return the next uint32."""
@@ -71,7 +75,7 @@ def advance_rng(rng_state, n):
 # ---------------------------------------------------------------------------- run.c's pieces
 
 
-@njit(cache=True)
+@njit(cache=False)
 def sample_argmax(x):
     """Index of the first maximum of x."""
     best = 0
@@ -83,14 +87,14 @@ def sample_argmax(x):
     return best
 
 
-@njit(cache=True)
+@njit(cache=False)
 def softmax_inplace(x):
     """x <- softmax(x) in float32, as run.c's softmax() runs when built -Ofast (engine/ofast.py):
     max, expf(x - max) and their vectorized sum, then x * (1 / sum)."""
     softmax(x, x.shape[0], False)
 
 
-@njit(cache=True)
+@njit(cache=False)
 def sample_mult(probs, coin):
     """First index where the running sum of probs exceeds coin (the last index if none does)."""
     cdf = np.float32(0.0)
@@ -102,7 +106,7 @@ def sample_mult(probs, coin):
     return n - 1
 
 
-@njit(cache=True)
+@njit(cache=False)
 def _ranks_before(p, a, b):
     """True if index a comes before index b in descending-probability order (ties: lower index).
 
@@ -113,7 +117,7 @@ def _ranks_before(p, a, b):
     return p[a] > p[b] or (p[a] == p[b] and a < b)
 
 
-@njit(cache=True)
+@njit(cache=False)
 def _sift_down(p, heap, root, end, worst_on_top):
     """Restore the heap property of heap[root:end] below `root`.
 
@@ -142,7 +146,7 @@ def _sift_down(p, heap, root, end, worst_on_top):
         root = child
 
 
-@njit(cache=True)
+@njit(cache=False)
 def sample_topp(probs, topp, coin, scratch):
     """run.c's nucleus sampling; `scratch` is an integer array at least as long as probs.
 
@@ -190,7 +194,7 @@ def sample_topp(probs, topp, coin, scratch):
 # ---------------------------------------------------------------------------- extras
 
 
-@njit(cache=True)
+@njit(cache=False)
 def apply_repetition_penalty(logits, history, penalty, scratch):
     """CTRL repetition penalty, once per distinct token of history (ids outside the vocab ignored).
 
@@ -210,7 +214,7 @@ def apply_repetition_penalty(logits, history, penalty, scratch):
                 logits[t] *= penalty
 
 
-@njit(cache=True)
+@njit(cache=False)
 def _keep_top_k(probs, k, scratch):
     """Zero all but the k most likely entries of probs (ties: lower index first)."""
     n = probs.shape[0]
@@ -230,7 +234,7 @@ def _keep_top_k(probs, k, scratch):
             probs[i] = np.float32(0.0)
 
 
-@njit(cache=True)
+@njit(cache=False)
 def _keep_min_p(probs, minp):
     """Zero the entries below minp times the largest probability."""
     threshold = minp * probs[sample_argmax(probs)]
@@ -239,7 +243,7 @@ def _keep_min_p(probs, minp):
             probs[i] = np.float32(0.0)
 
 
-@njit(cache=True)
+@njit(cache=False)
 def _renormalize(probs):
     total = np.float32(0.0)
     for i in range(probs.shape[0]):

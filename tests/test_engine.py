@@ -197,6 +197,8 @@ def test_jitcache_knows_every_cached_function():
     from babyllama.engine import jitcache
 
     names = {f.py_func.__name__ for f in jitcache.cached_functions()}
-    assert {"forward", "qforward", "matmul", "attention", "softmax", "qmatmul", "sample_topp"} <= names
+    assert {"forward", "qforward", "rope_table", "sample", "random_f32"} <= names
+    # kernels are compiled into the forward that calls them, never loaded from disk on their own
+    assert not names & {"matmul", "attention", "softmax", "qmatmul", "dot8", "sample_topp"}
     assert len(jitcache.sources_digest()) == 64
 

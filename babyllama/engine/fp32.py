@@ -3,7 +3,7 @@
 from numba import njit
 
 from .kernels import (
-    JIT,
+    ENTRY,
     attention,
     matmul,
     matmul2,
@@ -15,7 +15,7 @@ from .kernels import (
 )
 
 
-@njit(**JIT)
+@njit(**ENTRY)
 def forward(
     tokens, pos0, logits_out,  # (T,) token ids at positions pos0..pos0+T-1; (T or 1, vocab) output
     token_embedding, rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3, rms_final, wcls,  # weights

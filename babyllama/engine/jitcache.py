@@ -43,25 +43,28 @@ def cached_functions() -> list:
     return found
 
 
-def _drop(dispatcher) -> None:
-    """Delete a function's cache index and data files (Numba's own flush would leave an empty index
-    behind, which would look like a warm cache to compiles_on_first_call)."""
-    index = Path(dispatcher._cache._cache_file._index_path)
-    for path in [index, *index.parent.glob(index.stem + ".*.nbc")]:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+def _drop(folder: Path, stems: set[str]) -> None:
+    """Delete the cache files (index and data) of every function from these modules' files in a
+    cache folder, including functions no longer cached, whose files Numba would leave behind."""
+    for stem in stems:
+        for path in [*folder.glob(f"{stem}.*.nbi"), *folder.glob(f"{stem}.*.nbc")]:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def sync(functions, digest: str) -> bool:
-    """Drop the functions' cached code unless every cache folder holds this digest; then store it.
-    Returns whether anything was dropped."""
-    folders = {Path(f._cache._cache_path) for f in functions}
+    """Drop the cached code of the functions' modules unless every cache folder holds this digest;
+    then store it. Returns whether anything was dropped."""
+    stems: dict[Path, set[str]] = {}
+    for f in functions:  # Numba names a function's cache files after its module's file
+        stems.setdefault(Path(f._cache._cache_path), set()).add(Path(f.py_func.__code__.co_filename).stem)
+    folders = set(stems)
     if all((d / STAMP).is_file() and (d / STAMP).read_text().strip() == digest for d in folders):
         return False
-    for f in functions:
-        _drop(f)
+    for d in folders:
+        _drop(d, stems[d])
     for d in folders:
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / f"{STAMP}.{os.getpid()}.tmp"

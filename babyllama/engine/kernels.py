@@ -4,8 +4,8 @@ run.c and runq.c share rmsnorm, RoPE, attention and the SwiGLU gate, and llama2.
 gcc -Ofast -march=native, which compiles them into specific vectorized operations (ofast.py says
 which and why). These kernels perform exactly those, so the fp32 engine's logits are run.c's bit
 for bit and the quantized engine's are runq's. No fastmath: it would let LLVM reorder the very
-sums that are ordered here on purpose. `cache=True` keeps the machine code on disk so only the
-first-ever run pays compile time.
+sums that are ordered here on purpose. The forward passes that call these keep their machine code
+on disk (ENTRY, below), so only the first-ever run pays compile time.
 
 Parallel kernels take a `parallel` flag: tiny models (stories260K) run faster on one thread,
 because waking the thread pool (~1-2 us) costs more than a 64x64 matrix-vector product. The
@@ -28,7 +28,13 @@ from .ofast import (
     softmax,
 )
 
-JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
+# Only entry points (the forward passes, rope_table) keep machine code on disk (ENTRY). A kernel
+# cached on its own is loaded as finished machine code when a forward is compiled in a later
+# process, and the forward then calls it opaquely: measured 20-60% slower forwards (no inlining),
+# and with the threaded kernels loaded that way, a cached forward that segfaulted in the next
+# process. Uncached, the kernels are always compiled into whichever forward calls them.
+JIT = dict(cache=False, nogil=True, error_model="numpy", fastmath=False)
+ENTRY = dict(JIT, cache=True)
 
 
 @njit(inline="always", **JIT)
@@ -264,7 +270,7 @@ def attention(out, q, key_cache, value_cache, att, pos, n_heads, parallel):
         _weighted_sums(out, att, value_cache, pos + 1, 0, n_heads, n_heads)
 
 
-@njit(**JIT)
+@njit(**ENTRY)
 def rope_table(seq_len, head_size, ln_theta):
     """cos/sin (seq_len, head_size/2) of llama2.c's RoPE angles as compiled: 1/powf(10000, d/hs)
     becomes expf(-(d * (1/hs)) * ln_theta), ln_theta the float32 log of 10000 that gcc folds;

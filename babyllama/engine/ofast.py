@@ -31,7 +31,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-OJIT = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
+OJIT = dict(cache=False, nogil=True, error_model="numpy", fastmath=False)
 f32 = np.float32
 
 

@@ -34,7 +34,7 @@ from numba.extending import intrinsic
 from .ofast import _shuffle
 
 # qkernels.QJIT (not imported: qkernels imports this module): no fastmath, runq's float order
-QJIT = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
+QJIT = dict(cache=False, nogil=True, error_model="numpy", fastmath=False)
 
 _I8, _I32 = ir.IntType(8), ir.IntType(32)
 

@@ -34,7 +34,7 @@ from numba import njit, prange
 from .q4kernels import row_q4
 
 # No fastmath: runq's float order is part of the format's contract (see the module docstring).
-QJIT = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
+QJIT = dict(cache=False, nogil=True, error_model="numpy", fastmath=False)
 
 
 _INV_127 = np.float32(0.007874015718698502)  # 1/127 in float32, what gcc makes of "/ 127.0f"

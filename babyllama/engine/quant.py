@@ -22,7 +22,7 @@ from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..quant import QuantMatrix, QuantWeights
 from . import Engine, RunState, compiles_on_first_call
-from .kernels import JIT, attention, rmsnorm, rope, silu_mul, store_kv
+from .kernels import ENTRY, JIT, attention, rmsnorm, rope, silu_mul, store_kv
 from .qkernels import dequantize_row, qmatmul, qmatmul2, qmatmul3, quantize_activations
 
 
@@ -101,7 +101,7 @@ def _mm(out, m, l, xq, xs, gs, bits, parallel):
     qmatmul(out, m[0], m[1][l], m[2][l], xq, xs, gs, bits, parallel)
 
 
-@njit(**JIT)
+@njit(**ENTRY)
 def qforward(
     tokens, pos0, logits_out,  # (T,) token ids at positions pos0..; (T or 1, vocab) output
     rms_att, rms_ffn, rms_final, token_embedding,  # fp32 norms; quantized matrices are

@@ -20,7 +20,8 @@ _checked = False
 
 
 def sources_digest() -> str:
-    """sha256 over the engine's modules and the sampler (everything with cache=True functions)."""
+    """sha256 over the engine's modules and the sampler: every source the cached functions'
+    machine code is compiled from (their kernels included)."""
     files = sorted((_PACKAGE / "engine").glob("*.py")) + [_PACKAGE / "sampler.py"]
     h = hashlib.sha256()
     for path in files:

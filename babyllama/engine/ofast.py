@@ -31,6 +31,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+# not cached on their own: compiled into the forward that calls them (kernels.JIT says why)
 OJIT = dict(cache=False, nogil=True, error_model="numpy", fastmath=False)
 f32 = np.float32
 

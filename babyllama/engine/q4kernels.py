@@ -33,7 +33,8 @@ from numba.extending import intrinsic
 
 from .ofast import _shuffle
 
-# qkernels.QJIT (not imported: qkernels imports this module): no fastmath, runq's float order
+# qkernels.QJIT (not imported: qkernels imports this module): no fastmath, runq's float order;
+# not cached on their own: compiled into the forward that calls them (kernels.JIT says why)
 QJIT = dict(cache=False, nogil=True, error_model="numpy", fastmath=False)
 
 _I8, _I32 = ir.IntType(8), ir.IntType(32)

@@ -34,6 +34,7 @@ from numba import njit, prange
 from .q4kernels import row_q4
 
 # No fastmath: runq's float order is part of the format's contract (see the module docstring).
+# not cached on their own: compiled into the forward that calls them (kernels.JIT says why)
 QJIT = dict(cache=False, nogil=True, error_model="numpy", fastmath=False)
 
 

@@ -7,10 +7,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from babyllama.checkpoint import tensor_shapes  # noqa: E402
-from babyllama.config import ModelConfig  # noqa: E402
+from babyllama.arch.llama import Weights, tensor_shapes  # noqa: E402
+from babyllama.config import ModelConfig, RopeScaling  # noqa: E402
 from babyllama.errors import GenerationError  # noqa: E402
-from babyllama.model import Transformer, apply_rope, rope_frequencies  # noqa: E402
+from babyllama.training.model import Transformer, apply_rope, rope_frequencies  # noqa: E402
 from conftest import random_weights  # noqa: E402
 
 torch.set_num_threads(1)
@@ -18,14 +18,18 @@ torch.set_num_threads(1)
 LAYER_NAMES = ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3")
 
 
-def model_from_random(cfg, seed=0, scale=0.1):
-    from babyllama.checkpoint import Weights
+# head_dim 12 with dim 32: q_dim 48 differs from dim, as in Gemma-style or Llama 3 HF exports
+WIDE_HEADS = ModelConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=32,
+                         head_dim=12, rope_theta=500000.0, norm_eps=1e-6)
 
+
+def model_from_random(cfg, seed=0, scale=0.1):
     return Transformer.from_weights(cfg, Weights.from_dict(cfg, random_weights(cfg, seed, scale))).eval()
 
 
-def test_state_dict_keys_and_shapes_are_the_file_format_names(tiny_config):
-    cfg = tiny_config
+@pytest.mark.parametrize("wide", [False, True], ids=["head_dim=dim/heads", "head_dim=12"])
+def test_state_dict_keys_and_shapes_are_the_file_format_names(tiny_config, wide):
+    cfg = WIDE_HEADS if wide else tiny_config
     sd = Transformer(cfg).state_dict()
     expected = ["token_embedding.weight"]
     expected += [f"layers.{i}.{n}.weight" for i in range(cfg.n_layers) for n in LAYER_NAMES]
@@ -87,31 +91,50 @@ def test_initialisation_scales_residual_projections(tiny_config):
     assert torch.all(layer.rms_att.weight == 1) and torch.all(model.rms_final.weight == 1)
 
 
-def rope_reference(vec: np.ndarray, pos: int, head_size: int, theta: float = 10000.0) -> np.ndarray:
+def llama3_scaled(freq: float, s: RopeScaling) -> float:
+    """Meta's apply_scaling for one frequency, written out branch by branch."""
+    wavelen, original = 2 * math.pi / freq, s.original_max_position_embeddings
+    if wavelen < original / s.high_freq_factor:
+        return freq
+    if wavelen > original / s.low_freq_factor:
+        return freq / s.factor
+    smooth = (original / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    return (1 - smooth) * freq / s.factor + smooth * freq
+
+
+def rope_reference(vec: np.ndarray, pos: int, head_size: int, theta: float = 10000.0, scaling=None) -> np.ndarray:
     """run.c's RoPE loop: each (v[i], v[i+1]) pair rotated by pos * theta^(-(i % head_size) / head_size)."""
     out = vec.astype(np.float64).copy()
     for i in range(0, len(vec), 2):
         freq = 1.0 / theta ** ((i % head_size) / head_size)
+        if scaling is not None:
+            freq = llama3_scaled(freq, scaling)
         c, s = math.cos(pos * freq), math.sin(pos * freq)
         v0, v1 = out[i], out[i + 1]
         out[i], out[i + 1] = v0 * c - v1 * s, v0 * s + v1 * c
     return out
 
 
-def test_rope_matches_llama2c_interleaved_pairs(tiny_config):
-    cfg = tiny_config
+@pytest.mark.parametrize("scaling", [None, RopeScaling(8.0, 1.0, 4.0, 64)], ids=["plain", "llama3-scaled"])
+def test_rope_matches_llama2c_interleaved_pairs(tiny_config, scaling):
+    cfg = ModelConfig(**{**tiny_config.to_dict(), "seq_len": 256, "head_dim": 32, "rope_theta": 500000.0,
+                         "rope_scaling": scaling})
     cos, sin = rope_frequencies(cfg)
-    T = 7
+    T = 256
     x = torch.randn(1, T, cfg.n_heads, cfg.head_size)
     got = apply_rope(x, cos[:T], sin[:T]).numpy()
-    for pos in range(T):
-        want = rope_reference(x[0, pos].reshape(-1).numpy(), pos, cfg.head_size)
+    for pos in range(0, T, 15):
+        want = rope_reference(x[0, pos].reshape(-1).numpy(), pos, cfg.head_size, cfg.rope_theta, scaling)
         np.testing.assert_allclose(got[0, pos].reshape(-1), want, rtol=1e-5, atol=1e-5)
+    if scaling is not None:  # the scaling changes the long-wavelength pairs, so the test can tell
+        plain_cos, _ = rope_frequencies(ModelConfig(**{**cfg.to_dict(), "rope_scaling": None}))
+        assert not torch.allclose(plain_cos[T - 1], cos[T - 1], atol=1e-3)
 
 
 def reference_forward(cfg: ModelConfig, w, tokens) -> np.ndarray:
     """A token-at-a-time NumPy forward written like run.c, for cross-checking the torch model."""
     hs, kv_mul = cfg.head_size, cfg.kv_mul
+    rope = dict(head_size=hs, theta=cfg.rope_theta, scaling=cfg.rope_scaling)
 
     def rmsnorm(x, g):
         return g * (x / np.sqrt(np.mean(x * x) + cfg.norm_eps))
@@ -123,10 +146,10 @@ def reference_forward(cfg: ModelConfig, w, tokens) -> np.ndarray:
         x = w.token_embedding[tok].astype(np.float64)
         for l in range(cfg.n_layers):
             xb = rmsnorm(x, w.rms_att[l])
-            q = rope_reference(w.wq[l] @ xb, pos, hs)
-            k_cache[l, pos] = rope_reference(w.wk[l] @ xb, pos, hs)
+            q = rope_reference(w.wq[l] @ xb, pos, **rope)
+            k_cache[l, pos] = rope_reference(w.wk[l] @ xb, pos, **rope)
             v_cache[l, pos] = w.wv[l] @ xb
-            att_out = np.zeros(cfg.dim)
+            att_out = np.zeros(cfg.q_dim)
             for h in range(cfg.n_heads):
                 kvh = h // kv_mul
                 qh = q[h * hs : (h + 1) * hs]
@@ -143,9 +166,14 @@ def reference_forward(cfg: ModelConfig, w, tokens) -> np.ndarray:
     return np.array(out)
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_forward_matches_runc_style_reference(tiny_config, shared):
-    cfg = ModelConfig(**{**tiny_config.to_dict(), "shared_classifier": shared})  # GQA: 4 heads, 2 kv heads
+@pytest.mark.parametrize("shape", ["tied", "untied", "wide-heads", "llama3-scaled"])
+def test_forward_matches_runc_style_reference(tiny_config, shape):
+    cfg = {  # GQA: 4 heads, 2 kv heads
+        "tied": tiny_config,
+        "untied": ModelConfig(**{**tiny_config.to_dict(), "shared_classifier": False}),
+        "wide-heads": WIDE_HEADS,
+        "llama3-scaled": ModelConfig(**{**WIDE_HEADS.to_dict(), "rope_scaling": RopeScaling(8.0, 1.0, 4.0, 16)}),
+    }[shape]
     model = model_from_random(cfg, seed=1, scale=0.2)
     tokens = [1, 5, 9, 33, 2, 60, 7, 7, 12]
     logits, _ = model(torch.tensor([tokens]), torch.tensor([tokens]))
@@ -208,14 +236,18 @@ def test_generate_and_forward_reject_sequences_beyond_seq_len(tiny_config):
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_weights_round_trip(tiny_config, shared):
-    from babyllama.checkpoint import Weights
-
     cfg = ModelConfig(**{**tiny_config.to_dict(), "shared_classifier": shared})
     w = Weights.from_dict(cfg, random_weights(cfg, seed=5))
-    back = Transformer.from_weights(cfg, w).to_weights()
+    model = Transformer.from_weights(cfg, w)
+    back = model.to_weights()
     for name, arr in w.items():
         np.testing.assert_array_equal(getattr(back, name), arr, err_msg=name)
     assert (back.wcls is back.token_embedding) == shared
+    with torch.no_grad():  # copies, not views of the live parameters
+        model.token_embedding.weight.zero_()
+        model.rms_final.weight.zero_()
+    np.testing.assert_array_equal(back.token_embedding, w.token_embedding)
+    np.testing.assert_array_equal(back.rms_final, w.rms_final)
 
 
 def test_dropout_is_active_only_in_training(tiny_config):

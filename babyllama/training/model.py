@@ -1,27 +1,28 @@
-"""The Llama 2 Transformer in PyTorch: training, export and GPU inference.
+"""The Llama Transformer in PyTorch, the model the trainer trains (also usable for GPU inference).
 
 The same architecture as llama2.c's model.py and run.c: pre-norm residual blocks with RMSNorm,
 rotary position embeddings on interleaved pairs, grouped-query attention and a SwiGLU
-feed-forward layer. Weight names are the ones the .bin formats, the exporter and the NumPy
+feed-forward layer, with every ModelConfig hyperparameter honoured (rope_theta, norm_eps,
+head_dim, Llama 3.1 rope scaling). Weight names are the ones the file formats and the NumPy
 engine use (token_embedding, rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3, rms_final, wcls),
 so one grep finds a weight everywhere.
 
 Shapes in comments: B batch, T tokens, D dim, H query heads, KV key/value heads,
-hs head size, F hidden (feed-forward) width, V vocab.
+hs head size, Q = H * hs, F hidden (feed-forward) width, V vocab.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Weights
-from .config import ModelConfig
-from .errors import GenerationError
+from ..arch.llama import Weights
+from ..config import ModelConfig
+from ..errors import GenerationError
+from ..formats.ckpt import state_dict_to_weights, weights_to_state_dict
 
 INIT_STD = 0.02  # GPT-2 / llama2.c initialisation scale
 
@@ -45,10 +46,19 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the RoPE angles, each (seq_len, head_size / 2).
 
     Pair i of every head at position pos is rotated by pos * theta^(-2i / head_size)
-    (Su et al. 2021, "RoFormer"), exactly as run.c computes it per position.
+    (Su et al. 2021, "RoFormer"), exactly as run.c computes it per position; with rope_scaling,
+    Llama 3.1's rescaled frequencies (Meta's apply_scaling, as the engine's rope_table).
     """
     hs = cfg.head_size
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float64) / hs))
+    s = cfg.rope_scaling
+    if s is not None:
+        wavelen = 2 * math.pi / inv_freq
+        orig = s.original_max_position_embeddings
+        smooth = (orig / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        ramp = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > orig / s.low_freq_factor, inv_freq / s.factor,  # long: slowed down
+                               torch.where(wavelen >= orig / s.high_freq_factor, ramp, inv_freq))  # short: kept
     angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float64), inv_freq)
     return torch.cos(angles).float(), torch.sin(angles).float()
 
@@ -77,10 +87,10 @@ class TransformerBlock(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_size = cfg.n_heads, cfg.n_kv_heads, cfg.head_size
         self.dropout = dropout
         self.rms_att = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.q_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
-        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.q_dim, cfg.dim, bias=False)
         self.rms_ffn = RMSNorm(cfg.dim, cfg.norm_eps)
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
@@ -121,7 +131,7 @@ class TransformerBlock(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, hs); scaled by 1/sqrt(hs)
-        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, D): heads concatenated again
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, Q): heads concatenated again
         return self.wo(out)
 
     def feed_forward(self, x):
@@ -250,41 +260,12 @@ class Transformer(nn.Module):
     def from_weights(cls, cfg: ModelConfig, weights: Weights, dropout: float = 0.0) -> "Transformer":
         """A model holding copies of fp32 Weights (e.g. a loaded .bin checkpoint)."""
         model = cls(cfg, dropout)
-        sd = {
-            "token_embedding.weight": weights.token_embedding,
-            "rms_final.weight": weights.rms_final,
-            "wcls.weight": weights.token_embedding if cfg.shared_classifier else weights.wcls,
-        }
-        for i in range(cfg.n_layers):
-            for name in ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3"):
-                sd[f"layers.{i}.{name}.weight"] = getattr(weights, name)[i]
-        model.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in sd.items()})
+        model.load_state_dict(weights_to_state_dict(cfg, weights))
         return model
 
     def to_weights(self) -> Weights:
-        """The model's weights as fp32 NumPy arrays, per-layer tensors stacked, as the files store them."""
-
-        def arr(t: torch.Tensor) -> np.ndarray:
-            return t.detach().to("cpu", torch.float32).numpy().copy()
-
-        def stacked(name: str) -> np.ndarray:
-            return np.stack([arr(getattr(layer, name).weight) for layer in self.layers])
-
-        emb = arr(self.token_embedding.weight)
-        return Weights(
-            token_embedding=emb,
-            rms_att=stacked("rms_att"),
-            wq=stacked("wq"),
-            wk=stacked("wk"),
-            wv=stacked("wv"),
-            wo=stacked("wo"),
-            rms_ffn=stacked("rms_ffn"),
-            w1=stacked("w1"),
-            w2=stacked("w2"),
-            w3=stacked("w3"),
-            rms_final=arr(self.rms_final.weight),
-            wcls=emb if self.cfg.shared_classifier else arr(self.wcls.weight),
-        )
+        """The model's weights as fp32 NumPy arrays (copies), per-layer tensors stacked, as the files store them."""
+        return state_dict_to_weights(self.state_dict(), self.cfg)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""data.py: corpus reading, download, vocabulary training, pretokenized shards, TokenWindows."""
+"""babyllama.data and `babyllama data`: corpus reading, download, vocabulary training, pretokenized
+shards, TokenWindows; outputs that are inputs or cannot be written are one-line errors."""
 
 import hashlib
+import os
 import io
 import json
 import re
@@ -16,7 +18,8 @@ import pytest
 from conftest import shared_file
 
 from babyllama import data
-from babyllama.errors import DataError, TokenizerError
+from babyllama.cli import main as cli_main
+from babyllama.errors import DataError, OutputError, TokenizerError
 
 pytest.importorskip("sentencepiece")
 
@@ -114,9 +117,9 @@ def test_train_vocab_writes_model_and_tokenizer_bin(vocab, corpus):
     # byte fallback: a character the corpus never had becomes its UTF-8 bytes, not <unk>
     assert "<0xE2>" in [sp.id_to_piece(t) for t in sp.encode("\u2603")]
     # babyllama's own tokenizer.bin reader loads it and agrees with sentencepiece
-    from babyllama.tokenizer import Tokenizer
+    from babyllama.tokenizers import Llama2cTokenizer
 
-    tok = Tokenizer.load(bin_, VOCAB)
+    tok = Llama2cTokenizer.load(bin_, VOCAB)
     text = "Once upon a time, a little dog found a big red ball in the park."
     assert tok.encode(text) == [1] + sp.encode(text)
     assert tok.decode(tok.encode(text)) == text
@@ -204,13 +207,65 @@ def test_pretokenize_errors(tmp_path, vocab):
 
 
 def test_cli_pretokenize(tmp_path, vocab, corpus, capsys):
-    assert data.main(["pretokenize", "--tokenizer", str(vocab[0]), "--input", str(corpus[0]),
-                      "--out", str(tmp_path), "--workers", "1", "--dtype", "uint32"]) == 0
+    assert cli_main(["data", "pretokenize", "--tokenizer", str(vocab[0]), "--input", str(corpus[0]),
+                     "--out", str(tmp_path), "--workers", "1", "--dtype", "uint32"]) == 0
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["dtype"] == "uint32" and (tmp_path / "val.bin").stat().st_size == 4 * meta["n_val_tokens"]
-    assert data.main(["pretokenize", "--tokenizer", str(tmp_path / "no.model"), "--input", str(corpus[0]),
-                      "--out", str(tmp_path)]) == 1
-    assert capsys.readouterr().err.startswith("babyllama data: error: ")
+    capsys.readouterr()
+    assert cli_main(["data", "pretokenize", "--tokenizer", str(tmp_path / "no.model"), "--input", str(corpus[0]),
+                     "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("babyllama data: error: ") and err.count("\n") == 1
+
+
+def test_every_data_flag_has_a_help_text():
+    import argparse
+
+    from babyllama.cli.data import _parser
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            assert action.help and action.help != argparse.SUPPRESS, f"babyllama data {name} {action.dest}"
+
+
+def test_outputs_that_are_inputs_are_refused(tmp_path, vocab, corpus):
+    model, bin_ = vocab
+    before = model.read_bytes()
+    (tmp_path / "link.model").symlink_to(model)
+    os.link(model, tmp_path / "hard.model")
+    for out in (model, tmp_path / "link.model", tmp_path / "hard.model"):
+        with pytest.raises(OutputError, match="the output is the input"):
+            data.export_tokenizer(model, out)
+    assert model.read_bytes() == before
+    # a corpus folder as the output folder: neither shards nor a vocabulary land among the texts
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text(corpus[1][0] + "\n")
+    with pytest.raises(OutputError, match="the output is the input"):
+        data.pretokenize(model, folder, folder, workers=1)
+    with pytest.raises(OutputError, match="the output is the input"):
+        data.train_vocab(VOCAB, folder, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["a.txt"]
+
+
+def test_unwritable_outputs_are_one_line_errors(tmp_path, vocab, corpus, capsys):
+    model, _ = vocab
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    cases = [  # (argv, the path the message must name)
+        (["export-tokenizer", str(model), str(tmp_path / "missing" / "t.bin")], tmp_path / "missing"),
+        (["export-tokenizer", str(model), str(tmp_path)], tmp_path),
+        (["pretokenize", "--tokenizer", str(model), "--input", str(corpus[0]), "--out", str(tmp_path / "a" / "b"),
+          "--workers", "1"], tmp_path / "a"),
+    ]
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        cases.append((["export-tokenizer", str(model), str(tmp_path / "ro" / "t.bin")], tmp_path / "ro"))
+    for argv, path in cases:
+        assert cli_main(["data", *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"babyllama data: error: {path}") and err.count("\n") == 1, err
+    assert not list(tmp_path.rglob(".*tmp*"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +383,7 @@ def test_download_restarts_when_range_is_ignored(server, tmp_path):
     url, archive = server
     RangeHandler.honour_range = False
     (tmp_path / "Stories_all.tar.gz.part").write_bytes(b"garbage that must not stay in front")
-    data.main(["download", "--url", url, "--out", str(tmp_path), "--no-unpack"])
+    assert cli_main(["data", "download", "--url", url, "--out", str(tmp_path), "--no-unpack"]) == 0
     assert (tmp_path / "Stories_all.tar.gz").read_bytes() == archive.read_bytes()
 
 
@@ -338,5 +393,5 @@ def test_download_sha256_mismatch(server, tmp_path, capsys):
     with pytest.raises(DataError, match=f"sha256 mismatch: expected {'0' * 64}, found {hashlib.sha256(archive.read_bytes()).hexdigest()}"):
         data.download(url, tmp_path, sha256="0" * 64)
     assert not list(tmp_path.iterdir())  # neither the file nor its .part is kept
-    assert data.main(["download", "--url", url.replace("Stories_all", "nothing"), "--out", str(tmp_path)]) == 1
+    assert cli_main(["data", "download", "--url", url.replace("Stories_all", "nothing"), "--out", str(tmp_path)]) == 1
     assert "HTTP 404" in capsys.readouterr().err

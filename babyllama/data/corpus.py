@@ -22,8 +22,8 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, urlparse
 from urllib.request import Request, urlopen
 
-
-from .errors import DataError
+from ..errors import DataError
+from ..fileio import make_folder
 
 # ---------------------------------------------------------------------------------------------
 # progress bars: tqdm when installed, else a plain line on stderr
@@ -50,7 +50,7 @@ class _PlainProgress:
             print(file=sys.stderr)
 
 
-def _progress(total=None, desc="", unit="it", initial=0, bytes_=False):
+def progress_bar(total=None, desc="", unit="it", initial=0, bytes_=False):
     try:
         from tqdm import tqdm
     except ImportError:
@@ -235,10 +235,10 @@ def download(url: str, out_dir, sha256: str | None = None, unpack: bool = True, 
     The bytes go to NAME.part first; a later call resumes it with an HTTP Range request (a
     server that ignores Range makes it start over). The finished file is checked against
     `sha256` when given, then renamed to NAME. .tar(.gz|.bz2|.xz) and .zip archives are
-    unpacked into out_dir/STEM (through a temporary folder renamed into place).
+    unpacked into out_dir/STEM (through a temporary folder renamed into place). out_dir may
+    exist or be created (one level).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(out_dir)
     name = Path(unquote(urlparse(url).path)).name or "download"
     dest = out_dir / name
     expected = sha256.lower() if sha256 else None
@@ -277,7 +277,7 @@ def _fetch(url: str, part: Path, timeout: float) -> None:
             have = 0  # the server sent the whole file
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length and length.isdigit() else None
-        bar = _progress(total=total, desc=part.name[: -len(".part")], unit="B", initial=have, bytes_=True)
+        bar = progress_bar(total=total, desc=part.name[: -len(".part")], unit="B", initial=have, bytes_=True)
         got = have
         try:
             with open(part, "ab" if resumed else "wb") as f:
@@ -320,5 +320,3 @@ def _unpack(archive: Path, target: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-

@@ -7,6 +7,7 @@ so a directory without it is incomplete. TokenWindows draws the trainer's random
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -16,9 +17,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .checkpoint import atomic_write
-from .errors import DataError, TokenizerError
-from .corpus import _progress, iter_documents
+from ..errors import DataError, OutputError, TokenizerError
+from ..fileio import check_output, make_folder, write_bytes
+from .corpus import iter_documents, progress_bar
 from .vocab import load_sentencepiece
 
 # ---------------------------------------------------------------------------------------------
@@ -79,10 +80,11 @@ def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
 
 class _ShardWriter:
     """Appends token arrays to NAME_000.bin, NAME_001.bin, ... (or one NAME.bin), each written
-    under a hidden temporary name and renamed into place when complete."""
+    under a hidden temporary name and renamed into place when complete. Shards stream in over
+    many writes, so this is fileio.atomic_write's scheme by hand, with its output checks."""
 
-    def __init__(self, out_dir: Path, name: str, shard_tokens: int | None):
-        self.out_dir, self.name, self.shard_tokens = out_dir, name, shard_tokens
+    def __init__(self, out_dir: Path, name: str, shard_tokens: int | None, inputs):
+        self.out_dir, self.name, self.shard_tokens, self.inputs = out_dir, name, shard_tokens, inputs
         self.files: list[str] = []
         self.n_tokens = 0
         self._f = None
@@ -90,27 +92,37 @@ class _ShardWriter:
 
     def _open(self):
         fname = f"{self.name}_{len(self.files):03d}.bin" if self.shard_tokens else f"{self.name}.bin"
+        check_output(self.out_dir / fname, self.inputs)
         self.files.append(fname)
         self._tmp = self.out_dir / f".{fname}.tmp{os.getpid()}"
         self._f = open(self._tmp, "wb")
         self._in_shard = 0
 
+    @contextlib.contextmanager
+    def _os_errors(self):
+        try:
+            yield
+        except OSError as e:  # the disk filling up, the folder vanishing, ...
+            raise OutputError(f"{self.out_dir}: cannot write token shards ({e.strerror or e})") from None
+
     def write(self, tokens: np.ndarray):
-        if self._f is None:
-            self._open()
-        self._f.write(tokens.tobytes())
+        with self._os_errors():
+            if self._f is None:
+                self._open()
+            self._f.write(tokens.tobytes())
         self._in_shard += tokens.size
         self.n_tokens += tokens.size
         if self.shard_tokens and self._in_shard >= self.shard_tokens:
             self.close()
 
     def close(self):
-        if self._f is None and not self.shard_tokens and not self.files:
-            self._open()  # an empty val.bin still exists, so the layout is always the same
-        if self._f is not None:
-            self._f.close()
-            os.replace(self._tmp, self.out_dir / self.files[-1])
-            self._f = None
+        with self._os_errors():
+            if self._f is None and not self.shard_tokens and not self.files:
+                self._open()  # an empty val.bin still exists, so the layout is always the same
+            if self._f is not None:
+                self._f.close()
+                os.replace(self._tmp, self.out_dir / self.files[-1])
+                self._f = None
 
     def abort(self):
         if self._f is not None:
@@ -125,7 +137,8 @@ def pretokenize(tokenizer, input, out_dir, val_fraction: float = 0.01, workers: 
 
     Every document is encoded with BOS (id 1) in front. Documents are encoded in `workers`
     processes but written in corpus order, so the output does not depend on the worker count.
-    Shards end at document boundaries once they reach `shard_tokens` tokens.
+    Shards end at document boundaries once they reach `shard_tokens` tokens. out_dir may exist or
+    be created (one level); it must not be the corpus or the tokenizer.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
@@ -143,13 +156,13 @@ def pretokenize(tokenizer, input, out_dir, val_fraction: float = 0.01, workers: 
     if first is None:  # checked before anything is written
         raise DataError(f"{input}: corpus holds no documents (expected non-empty text)")
     docs = itertools.chain([first], docs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta_path = out_dir / "meta.json"
+    inputs = [tokenizer, input]
+    out_dir = make_folder(out_dir, inputs)
+    meta_path = check_output(out_dir / "meta.json", inputs)
     meta_path.unlink(missing_ok=True)  # from here on the directory is marked incomplete
 
-    train = _ShardWriter(out_dir, "train", shard_tokens)
-    val = _ShardWriter(out_dir, "val", None)
+    train = _ShardWriter(out_dir, "train", shard_tokens, inputs)
+    val = _ShardWriter(out_dir, "val", None, inputs)
     n_docs = [0, 0]  # train, val
     pool = None
     try:
@@ -161,7 +174,7 @@ def pretokenize(tokenizer, input, out_dir, val_fraction: float = 0.01, workers: 
         else:
             _init_worker(str(tokenizer))
             encoded = map(_encode_batch, _batches(docs, _BATCH_DOCS))
-        bar = _progress(desc="pretokenize", unit="docs")
+        bar = progress_bar(desc="pretokenize", unit="docs")
         index = 0
         for batch in encoded:
             for ids in batch:
@@ -205,7 +218,7 @@ def pretokenize(tokenizer, input, out_dir, val_fraction: float = 0.01, workers: 
         "split_on": split_on,
         "text_field": text_field,
     }
-    atomic_write(meta_path, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+    write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode(), inputs)
     return meta
 
 
@@ -309,5 +322,3 @@ class TokenWindows:
     def __repr__(self) -> str:
         return (f"TokenWindows({str(self.data_dir)!r}, {self.split!r}, seq_len={self.seq_len}, "
                 f"batch_size={self.batch_size}, tokens={self.n_tokens}, rank={self.rank}/{self.world_size})")
-
-

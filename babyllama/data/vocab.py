@@ -1,20 +1,17 @@
-"""Vocabularies: sentencepiece BPE training with llama2.c's settings, and .model -> tokenizer.bin."""
+"""Vocabularies: sentencepiece BPE training with llama2.c's settings, and a .model's pieces as
+llama2.c's tokenizer.bin holds them (the file layout itself is formats/llama2c.py's)."""
 
 from __future__ import annotations
 
 import io
 import os
 import re
-import struct
 from pathlib import Path
 
-
-from .checkpoint import atomic_write
-from .errors import DataError, TokenizerError
+from ..errors import DataError, TokenizerError
+from ..fileio import check_output, make_folder, write_bytes
+from ..formats.llama2c import write_tokenizer_bin
 from .corpus import iter_documents
-
-# ---------------------------------------------------------------------------------------------
-# vocabulary training (sentencepiece) and tokenizer.bin export
 
 N_SPECIAL = 3  # <unk>, <s>, </s> at ids 0, 1, 2
 N_BYTE_PIECES = 256  # byte fallback: one piece per byte value, ids 3..258
@@ -47,9 +44,11 @@ def train_vocab(vocab_size: int, input, out_dir, split_on: str = "auto", text_fi
     """Train a BPE vocabulary on a corpus; write out_dir/tok{N}.model and tok{N}.bin atomically.
 
     Sentences given to sentencepiece are the non-blank lines of each document (as llama2.c's
-    tiny.txt has them). Returns (model_path, bin_path).
+    tiny.txt has them). out_dir may exist or be created (one level); it is checked before the
+    training starts. Returns (model_path, bin_path).
     """
     spm = _import_sentencepiece()
+    check_output(out_dir, [input], folder=True)
     if vocab_size < MIN_VOCAB:
         raise DataError(
             f"vocab size {vocab_size} is too small: byte fallback needs {N_BYTE_PIECES} byte pieces + "
@@ -76,11 +75,9 @@ def train_vocab(vocab_size: int, input, out_dir, split_on: str = "auto", text_fi
         if counted[0] == 0:
             raise DataError(f"{input}: corpus holds no text to train a vocabulary on") from None
         raise DataError(_explain_spm_error(str(e), vocab_size)) from None
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = out_dir / f"tok{vocab_size}.model"
-    atomic_write(model_path, lambda f: f.write(model.getvalue()))
-    bin_path = export_tokenizer(model_path, out_dir / f"tok{vocab_size}.bin")
+    out_dir = make_folder(out_dir, [input])
+    model_path = write_bytes(out_dir / f"tok{vocab_size}.model", model.getvalue(), [input])
+    bin_path = export_tokenizer(model_path, out_dir / f"tok{vocab_size}.bin", [input])
     return model_path, bin_path
 
 
@@ -104,14 +101,15 @@ def load_sentencepiece(model_path):
     try:
         return spm.SentencePieceProcessor(model_file=str(model_path))
     except (RuntimeError, OSError) as e:
-        raise TokenizerError(f"{model_path}: not a sentencepiece model ({str(e).strip()[:120]})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TokenizerError(f"{model_path}: not a sentencepiece model ({first})") from None
 
 
-def export_tokenizer(model_path, out_bin) -> Path:
-    """Write a sentencepiece model as tokenizer.bin (DESIGN.md), atomically; return the path.
+def llama2c_pieces(model_path) -> tuple[list[bytes], list[float]]:
+    """A sentencepiece model's (pieces, scores) as llama2.c's tokenizer.bin stores them.
 
-    Scores are sentencepiece's; "▁" becomes a space; BOS/EOS are written as "\\n<s>\\n" and
-    "\\n</s>\\n" as llama2.c's exporter does, so its tok512.bin is reproduced byte for byte.
+    Scores are sentencepiece's; "\u2581" becomes a space; BOS/EOS are "\\n<s>\\n" and
+    "\\n</s>\\n" as llama2.c's exporter writes them, so its tok512.bin is reproduced byte for byte.
     """
     sp = load_sentencepiece(model_path)
     ids = (sp.unk_id(), sp.bos_id(), sp.eos_id())
@@ -119,25 +117,13 @@ def export_tokenizer(model_path, out_bin) -> Path:
         raise TokenizerError(
             f"{model_path}: expected <unk>, <s>, </s> at ids 0, 1, 2 (llama2.c's convention), found {ids}"
         )
-    pieces = []
-    for i in range(sp.vocab_size()):
-        if i == 1:
-            text = "\n<s>\n"
-        elif i == 2:
-            text = "\n</s>\n"
-        else:
-            text = sp.id_to_piece(i).replace("\u2581", " ")
-        pieces.append((sp.get_score(i), text.encode("utf-8")))
-    max_len = max(len(b) for _, b in pieces)
-
-    def write(f):
-        f.write(struct.pack("<i", max_len))
-        for score, b in pieces:
-            f.write(struct.pack("<fi", score, len(b)))
-            f.write(b)
-
-    out_bin = Path(out_bin)
-    atomic_write(out_bin, write)
-    return out_bin
+    special = {1: "\n<s>\n", 2: "\n</s>\n"}
+    pieces = [special.get(i, sp.id_to_piece(i).replace("\u2581", " ")).encode("utf-8") for i in range(sp.vocab_size())]
+    return pieces, [sp.get_score(i) for i in range(sp.vocab_size())]
 
 
+def export_tokenizer(model_path, out_bin, inputs=()) -> Path:
+    """Write a sentencepiece model as tokenizer.bin, atomically; return the path. The output
+    must not be the model or any of `inputs`."""
+    pieces, scores = llama2c_pieces(model_path)
+    return write_tokenizer_bin(out_bin, pieces, scores, inputs=[model_path, *inputs])

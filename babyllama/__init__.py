@@ -10,14 +10,14 @@ checkpoint from Python at C speed (NumPy + Numba).
 """
 
 from .config import ModelConfig
-from .errors import BabyLlamaError, CheckpointError, ConfigError, GenerationError, TokenizerError
+from .errors import BabyLlamaError, CheckpointError, ConfigError, GenerationError, OutputError, TokenizerError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def load(model_path=None, tokenizer_path=None, **kwargs):
-    """Load a llama2.c checkpoint (and its tokenizer) for generation. See babyllama.generate.Model."""
-    from .generate import Model  # numba is imported only when a model is actually loaded
+    """Load a model (and its tokenizer) for generation. See babyllama.api.Model."""
+    from .api import Model  # numba is imported only when a model is actually loaded
 
     return Model.load(model_path, tokenizer_path, **kwargs)
 
@@ -29,5 +29,6 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "GenerationError",
+    "OutputError",
     "TokenizerError",
 ]

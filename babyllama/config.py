@@ -1,10 +1,44 @@
-"""ModelConfig: the one description of a model's shape, shared by trainer, exporter and engine."""
+"""ModelConfig: the one description of a model's shape, shared by trainer, formats and engine.
+
+Every hyperparameter a model file can carry lives here (rope_theta, rope_scaling, norm_eps,
+head_dim), so a loader that reads one passes it on and a writer that cannot store one refuses
+(formats/llama2c.py) instead of dropping it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 
 from .errors import ConfigError
+
+ARCHITECTURES = ("llama",)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's RoPE frequency scaling (rope_type "llama3"): long wavelengths are divided by
+    `factor`, short ones kept, with a smooth ramp between (Meta's `apply_scaling`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+    rope_type: str = "llama3"
+
+    def __post_init__(self) -> None:
+        if self.rope_type != "llama3":
+            raise ConfigError(f"rope_scaling.rope_type: expected 'llama3', found {self.rope_type!r}")
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"rope_scaling.{name} must be a positive number, got {value!r}")
+        if not self.high_freq_factor > self.low_freq_factor:
+            raise ConfigError(f"rope_scaling: high_freq_factor ({self.high_freq_factor}) must exceed "
+                              f"low_freq_factor ({self.low_freq_factor})")
+        n = self.original_max_position_embeddings
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ConfigError(f"rope_scaling.original_max_position_embeddings must be a positive integer, got {n!r}")
 
 
 @dataclass(frozen=True)
@@ -19,28 +53,48 @@ class ModelConfig:
     shared_classifier: bool = True  # output head tied to token_embedding
     norm_eps: float = 1e-5  # RMSNorm epsilon (llama2.c hard-codes 1e-5)
     rope_theta: float = 10000.0  # RoPE base frequency (llama2.c hard-codes 10000)
+    head_dim: int = 0  # width of one attention head; 0 = dim // n_heads (llama2.c's only choice)
+    rope_scaling: RopeScaling | None = None  # Llama 3.1+ long-context frequency scaling
+    arch: str = "llama"
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.dim % self.n_heads:
-            raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(f"arch: expected one of {', '.join(ARCHITECTURES)}, found {self.arch!r}")
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 0:
+            raise ConfigError(f"head_dim must be a positive integer (or 0 for dim / n_heads), got {self.head_dim!r}")
+        if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)  # derived, so equal configs compare equal
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-        if self.head_size % 2:
-            raise ConfigError(f"head size dim/n_heads must be even for RoPE, got {self.head_size}")
-        if not self.norm_eps > 0 or not self.rope_theta > 0:
-            raise ConfigError(f"norm_eps and rope_theta must be positive, got {self.norm_eps}, {self.rope_theta}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head size must be even for RoPE, got {self.head_dim}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", _rope_scaling(self.rope_scaling))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"rope_scaling must be None or a RopeScaling, got {self.rope_scaling!r}")
 
     @property
     def head_size(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the concatenated query heads (= dim unless head_dim was given)."""
+        return self.n_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
-        return self.n_kv_heads * self.head_size
+        return self.n_kv_heads * self.head_dim
 
     @property
     def kv_mul(self) -> int:
@@ -48,10 +102,17 @@ class ModelConfig:
         return self.n_heads // self.n_kv_heads
 
     @property
+    def has_llama2c_defaults(self) -> bool:
+        """True when run.c's hard-coded values (theta 10000, eps 1e-5, head = dim / heads, no
+        scaling) describe this model, i.e. a legacy v0 file can hold it."""
+        return (self.rope_theta == 10000.0 and self.norm_eps == 1e-5 and self.head_dim * self.n_heads == self.dim
+                and self.rope_scaling is None)
+
+    @property
     def n_params(self) -> int:
         """Number of weights, counting a tied classifier once."""
-        d, h, L, kv = self.dim, self.hidden_dim, self.n_layers, self.kv_dim
-        per_layer = 2 * d + d * d + 2 * kv * d + d * d + 3 * h * d
+        d, h, L, kv, q = self.dim, self.hidden_dim, self.n_layers, self.kv_dim, self.q_dim
+        per_layer = 2 * d + q * d + 2 * kv * d + d * q + 3 * h * d
         classifier = 0 if self.shared_classifier else self.vocab_size * d
         return self.vocab_size * d + L * per_layer + d + classifier
 
@@ -60,11 +121,25 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f for f in cls.__dataclass_fields__}
+        known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except TypeError as e:  # a required key is missing
+            raise ConfigError(f"incomplete model config ({e})") from None
+
+
+def _rope_scaling(d: dict) -> RopeScaling:
+    known = {f.name for f in fields(RopeScaling)}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"unknown rope_scaling keys: {sorted(unknown)}")
+    try:
+        return RopeScaling(**d)
+    except TypeError as e:
+        raise ConfigError(f"incomplete rope_scaling ({e})") from None
 
 
 def llama_hidden_dim(dim: int, multiple_of: int = 32) -> int:

@@ -1,8 +1,8 @@
 """Errors a user can act on.
 
-Every failure caused by input (a file, a flag, a prompt) raises a subclass of
-BabyLlamaError whose message names what was expected and what was found. The CLI
-prints that message as one line on stderr and exits non-zero; it never shows a
+Every failure caused by input (a file, a flag, a prompt) or by the place output goes raises a
+subclass of BabyLlamaError whose message names what was expected and what was found. The CLI
+(babyllama/cli) prints that message as one line on stderr and exits non-zero; it never shows a
 traceback for these.
 """
 
@@ -12,7 +12,7 @@ class BabyLlamaError(Exception):
 
 
 class ConfigError(BabyLlamaError, ValueError):
-    """Model hyperparameters that cannot describe a Llama model."""
+    """Model hyperparameters that cannot describe a supported model."""
 
 
 class CheckpointError(BabyLlamaError):
@@ -29,3 +29,11 @@ class GenerationError(BabyLlamaError, ValueError):
 
 class DataError(BabyLlamaError):
     """A corpus, download or token-shard directory that is missing, empty or inconsistent."""
+
+
+class OutputError(BabyLlamaError):
+    """An output path that cannot be written: missing or read-only folder, a special file, the input itself."""
+
+
+class TrainError(BabyLlamaError, ValueError):
+    """Training settings, data or checkpoints that cannot be used as given."""

@@ -9,7 +9,7 @@ gets one float32 scale and small integers q with w ~= q * scale:
 Rounding is round-half-to-even on the float32 quotient, as torch.round does in llama2.c's
 exporter, so `babyllama quantize` writes the same bytes as `export.py --version 2`.
 
-The v3 nibble layout (a babyllama extension; the file layout itself is in checkpoint.py):
+The v3 nibble layout (a babyllama extension; the file layout itself is in formats/llama2c.py):
 a group of G values is G/2 bytes; byte j holds value j in its low nibble and value j + G/2 in
 its high nibble, each stored as q + 8 (so 1..15; 0, i.e. q = -8, is never written). Pairing
 value j with j + G/2 (as ggml's Q4_0 does) keeps both halves of the activation group contiguous,

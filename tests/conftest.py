@@ -46,7 +46,7 @@ def shared_fixture(name: str) -> Path:
 
 def random_weights(cfg, seed: int = 0, scale: float = 0.05) -> dict:
     """A dict of random fp32 tensors of the right shapes for `cfg` (norm weights near 1)."""
-    from babyllama.bench import random_weights as make
+    from babyllama.testing import random_weights as make
 
     return make(cfg, seed, scale)
 
@@ -60,28 +60,35 @@ def tiny_config():
 
 def tiny_tokenizer_file(path, vocab_size: int = 300):
     """Write a llama2.c tokenizer.bin: <unk> <s> </s>, the 256 byte tokens, then short pieces."""
-    from babyllama.tokenizer import Tokenizer
+    from babyllama.testing import small_tokenizer
 
-    pieces = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{b:02X}>".encode() for b in range(256)]
-    extra = [b" ", b"e", b"t", b"a", b"o", b" t", b"th", b" th", b"he", b" the", b"in", b"an", b" a", b"nd", b" and"]
-    extra += [bytes([c]) for c in b"bcdfghijklmnpqrsuvwxyz.,!?'ABCDEFGHIJKLMNOPQRSTUVWXYZ" if bytes([c]) not in extra]
-    pieces += extra[: vocab_size - len(pieces)]
-    pieces += [f"<extra{i}>".encode() for i in range(vocab_size - len(pieces))]
-    scores = np.array([0.0] * 259 + [-float(i) for i in range(vocab_size - 259)], np.float32)
-    Tokenizer(pieces, scores).save(path)
+    small_tokenizer(vocab_size).save(path)
     return path
 
 
 @pytest.fixture
 def tiny_model(tmp_path):
     """A random v0 model (vocab 300, seq_len 64) with tokenizer.bin beside it."""
-    from babyllama.checkpoint import Weights, write_checkpoint
+    from babyllama.arch.llama import Weights
     from babyllama.config import ModelConfig
+    from babyllama.formats.llama2c import write_checkpoint
 
     cfg = ModelConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=64)
     write_checkpoint(tmp_path / "model.bin", cfg, Weights.from_dict(cfg, random_weights(cfg, scale=0.3)))
     tiny_tokenizer_file(tmp_path / "tokenizer.bin", cfg.vocab_size)
     return tmp_path / "model.bin"
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string (GenuineIntel, AuthenticAMD, ...) from /proc/cpuinfo, or ''."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def libm_expf():

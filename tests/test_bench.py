@@ -5,9 +5,10 @@ import stat
 
 import pytest
 
-from babyllama.bench import main, placeholder_tokenizer
+from babyllama.cli.bench import main
+from babyllama.testing import placeholder_tokenizer
 from babyllama.errors import BabyLlamaError
-from babyllama.tokenizer import Tokenizer
+from babyllama.tokenizers.llama2c import Llama2cTokenizer as Tokenizer
 
 
 def _fake_run(path, stderr_line):

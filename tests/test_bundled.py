@@ -5,7 +5,7 @@ import pytest
 
 import babyllama
 from babyllama.cli import main
-from babyllama.generate import DEFAULT_MODEL
+from babyllama.api import DEFAULT_MODEL
 
 pytestmark = pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="bundled model missing (babyllama/assets/model.bin)")
 
@@ -59,3 +59,22 @@ def test_greedy_is_deterministic(capsys):
     strip = lambda out: out.split("achieved tok/s")[0]  # the speed report differs run to run
     assert strip(first[1]) == strip(second[1])
     assert strip(first[1]).startswith("Once upon a time")
+
+
+def test_compiled_code_is_cached_outside_the_package(tmp_path):
+    """The first run's machine code goes to the per-user cache, never into the installed package
+    (a package folder written at run time shadowed an editable reinstall: `babyllama` broke)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(babyllama.__file__).resolve().parent
+    before = set(package.rglob("*.nbi")) | set(package.rglob("*.nbc"))
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "BABYLLAMA_CACHE_DIR")}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "babyllama", "run", "-n", "8", "-t", "0"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert list((tmp_path / "babyllama").rglob("*.nbi")), "no compiled code cached in $XDG_CACHE_HOME/babyllama"
+    assert set(package.rglob("*.nbi")) | set(package.rglob("*.nbc")) == before

@@ -127,7 +127,7 @@ def test_no_tokenizer_anywhere(capsysbinary, tmp_path, tiny_model, monkeypatch):
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "babyllama.cli", "run", str(tmp_path / "missing.bin")],
+    proc = subprocess.run([sys.executable, "-m", "babyllama", "run", str(tmp_path / "missing.bin")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "no such model file" in proc.stderr
@@ -145,7 +145,7 @@ def test_help_and_unknown_command(capsys):
 
 def test_chat_mode_reads_turns_until_end_of_input(tmp_path, tiny_model):
     proc = subprocess.run(
-        [sys.executable, "-m", "babyllama.cli", "run", str(tiny_model), "-m", "chat", "-y", "be nice",
+        [sys.executable, "-m", "babyllama", "run", str(tiny_model), "-m", "chat", "-y", "be nice",
          "-n", "60", "-s", "1"],
         input="the cat\n", capture_output=True, text=True, timeout=120,
     )
@@ -161,3 +161,82 @@ def test_inference_path_never_imports_torch(tiny_model):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# what a new user and hostile input found (issue #9)
+
+
+def test_system_prompt_without_chat_mode_is_refused(capsysbinary, tiny_model):
+    code, out, err = run_cli(capsysbinary, "run", str(tiny_model), "-y", "be brief")
+    assert code == 1 and out == b""
+    assert err.strip() == "babyllama run: error: -y (system prompt) applies to -m chat only; add -m chat or drop -y"
+
+
+def test_prompt_that_is_not_utf8_is_encoded_as_its_bytes(tmp_path, tiny_model):
+    """Python hands undecodable argv bytes over as lone surrogates; run.c would encode the raw
+    bytes (byte tokens). babyllama does the same and says so, instead of a traceback."""
+    from babyllama.tokenizers import load_tokenizer
+
+    raw = b"caf\xe9 \xff the"  # latin-1 text, not UTF-8
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"babyllama", b"run", str(tiny_model).encode(),
+                           b"-t", b"0", b"-n", b"20", b"--json", b"-i", raw], capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert b"-i is not valid UTF-8; its bytes are encoded as they are" in proc.stderr
+    assert b"Traceback" not in proc.stderr
+    tok = load_tokenizer(tiny_model.parent / "tokenizer.bin", 300)
+    prompt = tok.encode(raw)
+    tokens = json.loads(proc.stdout)["tokens"]
+    assert tokens[: len(prompt)] == prompt and 0xE9 + 3 in prompt  # the byte token of 0xE9
+
+
+def test_prompt_longer_than_steps_is_cut_and_said(capsysbinary, tiny_model):
+    code, out, err = run_cli(capsysbinary, "run", str(tiny_model), "-t", "0", "-n", "5", "--json",
+                             "-i", "the cat and the dog and the bird")
+    assert code == 0, err
+    result = json.loads(out)
+    assert "only its first 6 tokens are used (as run.c does)" in err
+    assert len(result["tokens"]) == 6 == result["prompt_tokens"]  # BOS + 5 forced tokens, nothing sampled
+    assert result["generated_tokens"] == 0 and result["prompt_tokens_dropped"] > 0
+
+
+def test_interrupted_json_run_prints_what_it_has(capsysbinary, tiny_model, monkeypatch):
+    """Ctrl-C during --json: the JSON of what was generated, marked interrupted, exit 130."""
+    from babyllama.api import Model
+
+    real = Model.pieces
+
+    def interrupted(self, *args, **kwargs):
+        for i, piece in enumerate(real(self, *args, **kwargs)):
+            if i == 6:
+                raise KeyboardInterrupt
+            yield piece
+
+    monkeypatch.setattr(Model, "pieces", interrupted)
+    code, out, err = run_cli(capsysbinary, "run", str(tiny_model), "-t", "0", "-n", "40", "-i", "the", "--json")
+    assert code == 130
+    result = json.loads(out)
+    assert result["interrupted"] is True and len(result["tokens"]) == 7
+
+
+def test_full_stdout_is_a_one_line_error(tiny_model):
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "babyllama", "run", str(tiny_model), "-n", "20"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ["babyllama run: error: cannot write the output (No space left on device)"]
+
+
+def test_generate_takes_bytes_as_text(tiny_model):
+    import babyllama
+
+    model = babyllama.load(tiny_model)
+    text = "the cat"
+    assert list(model.generate(text.encode(), steps=20, temperature=0)) == list(model.generate(text, steps=20,
+                                                                                                temperature=0))
+    assert model.encode(b"the cat") == model.encode("the cat")
+
+
+def test_python_dash_m_babyllama(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "babyllama", "--version"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("babyllama ")

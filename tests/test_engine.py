@@ -1,50 +1,20 @@
-"""The fp32 engine against an independent NumPy reference of the Llama forward pass."""
+"""The engine against babyllama/reference.py (plain NumPy, float64), and its run state (pages, slots)."""
 
 import numpy as np
 import pytest
 from conftest import random_weights, shared_file
 
-from babyllama.checkpoint import Weights, load_checkpoint, write_checkpoint
+from babyllama.arch.llama import Weights
+from babyllama.formats.llama2c import load_checkpoint, write_checkpoint
 from babyllama.config import ModelConfig
 from babyllama.engine import Engine
 from babyllama.errors import GenerationError
+from babyllama.reference import ReferenceEngine
 
 
 def reference_logits(cfg: ModelConfig, w: dict, tokens) -> np.ndarray:
-    """A plain float64 NumPy transformer over the whole sequence (causal mask, no KV cache)."""
-    T, hs = len(tokens), cfg.head_size
-    x = w["token_embedding"][tokens].astype(np.float64)  # (T, dim)
-    pos = np.arange(T)[:, None]
-    freq = 1.0 / cfg.rope_theta ** (np.arange(0, hs, 2) / hs)
-    cos, sin = np.cos(pos * freq), np.sin(pos * freq)  # (T, hs/2)
-
-    def rms(v, g):
-        return g * v / np.sqrt((v * v).mean(-1, keepdims=True) + cfg.norm_eps)
-
-    def rope(v, n):  # v: (T, n*hs), interleaved pairs
-        v = v.reshape(T, n, hs // 2, 2)
-        a, b = v[..., 0], v[..., 1]
-        c, s = cos[:, None, :], sin[:, None, :]
-        return np.stack([a * c - b * s, a * s + b * c], -1).reshape(T, n * hs)
-
-    mask = np.triu(np.full((T, T), -np.inf), 1)
-    for l in range(cfg.n_layers):
-        h = rms(x, w["rms_att"][l])
-        q = rope(h @ w["wq"][l].T, cfg.n_heads).reshape(T, cfg.n_heads, hs)
-        k = rope(h @ w["wk"][l].T, cfg.n_kv_heads).reshape(T, cfg.n_kv_heads, hs)
-        v = (h @ w["wv"][l].T).reshape(T, cfg.n_kv_heads, hs)
-        k = np.repeat(k, cfg.kv_mul, axis=1)
-        v = np.repeat(v, cfg.kv_mul, axis=1)
-        att = np.einsum("thd,shd->hts", q, k) / np.sqrt(hs) + mask
-        att = np.exp(att - att.max(-1, keepdims=True))
-        att /= att.sum(-1, keepdims=True)
-        o = np.einsum("hts,shd->thd", att, v).reshape(T, cfg.dim)
-        x = x + o @ w["wo"][l].T
-        h = rms(x, w["rms_ffn"][l])
-        a, b = h @ w["w1"][l].T, h @ w["w3"][l].T
-        x = x + ((a / (1 + np.exp(-a))) * b) @ w["w2"][l].T
-    wcls = w["token_embedding"] if cfg.shared_classifier else w["wcls"]
-    return rms(x, w["rms_final"]) @ wcls.T
+    """babyllama/reference.py's forward in float64: the independent model of the same function."""
+    return ReferenceEngine(cfg, Weights.from_dict(cfg, w), np.float64).logits(tokens)
 
 
 CONFIGS = [
@@ -137,7 +107,7 @@ _PROBE = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import cached_mod
-from babyllama.engine import compiles_on_first_call
+from babyllama.simd.jitcache import compiles_on_first_call
 print(compiles_on_first_call(cached_mod.add_one))
 """
 
@@ -163,7 +133,7 @@ _SYNC_PROBE = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import cached_mod
-from babyllama.engine import jitcache
+from babyllama.simd import jitcache
 cached_mod.add_one(1)  # compiled (or loaded) and cached
 print(jitcache.sync([cached_mod.add_one], sys.argv[2]))
 """
@@ -194,11 +164,87 @@ def test_jitcache_drops_code_compiled_from_other_sources(tmp_path):
 
 
 def test_jitcache_knows_every_cached_function():
-    from babyllama.engine import jitcache
+    from babyllama.simd import jitcache
 
     names = {f.py_func.__name__ for f in jitcache.cached_functions()}
-    assert {"forward", "qforward", "rope_table", "sample", "random_f32"} <= names
+    assert {"forward", "rope_table", "sample", "random_f32"} <= names
     # kernels are compiled into the forward that calls them, never loaded from disk on their own
-    assert not names & {"matmul", "attention", "softmax", "qmatmul", "dot8", "sample_topp"}
+    assert not names & {"matmul", "attention", "softmax", "qmatmul", "dot8", "sample_topp", "embed", "linear"}
     assert len(jitcache.sources_digest()) == 64
 
+
+
+def test_head_dim_rope_theta_and_llama3_scaling_follow_the_config():
+    """A head_dim other than dim / n_heads, Llama 3's theta and eps, and llama3 rope scaling: the
+    engine computes the same function as the reference."""
+    from babyllama.config import RopeScaling
+
+    cfg = ModelConfig(dim=48, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=70, seq_len=40,
+                      head_dim=16, rope_theta=500000.0, norm_eps=1e-6,
+                      rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                               original_max_position_embeddings=8))
+    assert cfg.q_dim == 64 != cfg.dim
+    w = random_weights(cfg, seed=5, scale=0.2)
+    tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, cfg.seq_len)
+    got = Engine(cfg, Weights.from_dict(cfg, w)).logits(tokens)
+    want = reference_logits(cfg, w, tokens)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
+    # and the settings matter: the default theta gives other logits
+    plain = ModelConfig(**{**cfg.to_dict(), "rope_theta": 10000.0, "rope_scaling": None})
+    assert np.abs(reference_logits(plain, w, tokens) - want).max() > 1e-2
+
+
+def test_slots_share_a_page_pool_and_give_each_sequence_its_own_bits(tiny_config):
+    """Three sequences interleaved in one state with a pool smaller than their contexts: each gets
+    the logits it gets alone (batch invariance through the paged cache), pages come and go."""
+    cfg = tiny_config
+    engine = Engine(cfg, Weights.from_dict(cfg, random_weights(cfg, seed=8, scale=0.3)))
+    rng = np.random.default_rng(9)
+    seqs = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (20, 7, 31)]
+    alone = [engine.logits(s) for s in seqs]
+    state = engine.new_state(n_slots=3, n_pages=4)  # 4 pages of 16 < 3 full contexts of 32
+    assert state.free_pages == 4
+    got = [[] for _ in seqs]
+    for pos in range(max(map(len, seqs))):
+        for i, s in enumerate(seqs):
+            if pos < len(s):
+                state.reserve(i, pos + 1)
+                got[i].append(engine.step(s[pos], pos, state, slot=i).copy())
+        if pos == len(seqs[1]) - 1:
+            state.release(1)  # a sequence leaves: its page goes back (slot 2 needs it at 16)
+    for i in range(3):
+        assert np.array_equal(np.stack(got[i]).view(np.int32), alone[i].view(np.int32)), i
+    assert state.free_pages == 0  # slots 0 and 2 hold 2 pages each; slot 1's page went to slot 2
+    with pytest.raises(GenerationError, match="KV cache is full"):
+        state.reserve(1, 1)
+
+
+def test_truncate_rolls_a_sequence_back(tiny_config):
+    """After rewinding a slot, feeding other tokens gives what a fresh run of those tokens gives."""
+    cfg = tiny_config
+    engine = Engine(cfg, Weights.from_dict(cfg, random_weights(cfg, seed=10, scale=0.3)))
+    state = engine.new_state()
+    engine.forward([1, 5, 9, 11, 13, 17, 19, 23], 0, state)
+    state.truncate(0, 3)
+    assert state.pos == 3
+    got = engine.forward([30, 31, 32], 3, state, all_logits=True)
+    want = engine.logits([1, 5, 9, 30, 31, 32])[3:]
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))
+
+
+def test_run_checks_rows_against_the_state(tiny_config):
+    cfg = tiny_config
+    engine = Engine(cfg, Weights.from_dict(cfg, random_weights(cfg)))
+    state = engine.new_state(n_slots=2)
+    with pytest.raises(GenerationError, match="slots must be in"):
+        engine.run([1], [0], [2], [0], state)
+    with pytest.raises(GenerationError, match="continue its 0 cached positions"):
+        engine.run([1, 2], [1, 2], [0, 0], [1], state)
+    with pytest.raises(GenerationError, match="ascending"):
+        engine.run([1, 2], [0, 0], [0, 1], [1, 0], state)
+    with pytest.raises(GenerationError, match="no pages reserved"):
+        engine.run([1, 1], [0, 0], [0, 1], [0, 1], state)
+    state.reserve(0, 1)
+    state.reserve(1, 1)
+    out = engine.run([1, 1], [0, 0], [0, 1], [0, 1], state)
+    assert np.array_equal(out[0], out[1]) and out.shape == (2, cfg.vocab_size)

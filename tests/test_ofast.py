@@ -10,7 +10,7 @@ import pytest
 from conftest import libm_expf
 from numba import njit
 
-from babyllama.engine import ofast
+from babyllama.simd import ofast
 from babyllama.engine.qkernels import quantize_activations
 
 F32 = np.float32
@@ -88,7 +88,7 @@ def test_short_softmax_is_libm_expf_and_reciprocal(peel):
     expf = libm_expf()
     x = np.array([0.3, -1.25, 2.5, 0.0, -7.0, 1.0, 2.0], F32)
     got = x.copy()
-    ofast.softmax(got, len(x), peel)
+    ofast.softmax(got, 0, len(x), peel)
     m = x.max()
     e = [F32(expf(float(v - m))) for v in x]
     total = F32(0.0)
@@ -101,7 +101,7 @@ def test_short_softmax_is_libm_expf_and_reciprocal(peel):
 def test_long_softmax_is_a_distribution():
     x = (np.random.default_rng(3).standard_normal(1000) * 4).astype(F32)
     got = x.copy()
-    ofast.softmax(got, 1000, True)
+    ofast.softmax(got, 0, 1000, True)
     assert abs(float(got.sum()) - 1.0) < 1e-5
     assert np.argmax(got) == np.argmax(x)
     np.testing.assert_allclose(got, np.exp(x - x.max()) / np.exp(x - x.max()).sum(), rtol=1e-5)
@@ -127,7 +127,7 @@ def test_quantize_uses_gcc_inline_round_and_reciprocal():
     gs = 8
     xq = np.empty(4096, np.int8)
     xs = np.empty(4096 // gs, F32)
-    quantize_activations(xq, xs, x, gs)
+    quantize_activations(xq, 0, xs, 0, x[None], 0, gs)
     g = x.reshape(-1, gs)
     wmax = np.abs(g).max(axis=1)
     assert np.array_equal(xs, (wmax * F32(1 / 127)).astype(F32))
@@ -181,24 +181,28 @@ def test_dot8_is_eight_dots(n):
 
 
 @njit(cache=False)
-def _chains(out, oo, w, wo, v, vo, vstride, n):
-    ofast.fma_chains(out, oo, w, wo, v, vo, vstride, n)
+def _chains(out, oo, w, wo, v, vo, vstride, n, pages, page_stride):
+    ofast.fma_chains(out, oo, w, wo, v, vo, vstride, n, pages, 0, page_stride)
 
 
-def test_fma_chains_are_sequential_fmas():
-    """Each of the 4 x 8 outputs is fma(w_t, v_t, acc) for t = 0, 1, ... starting from 0."""
+def test_fma_chains_are_sequential_fmas_across_pages():
+    """Each of the 4 x 8 outputs is fma(w_t, v_t, acc) for t = 0, 1, ... starting from 0, with
+    position t read from page pages[t // 16], row t % 16 (a paged KV cache, pages out of order)."""
     rng = np.random.default_rng(7)
     n, stride = 37, 24
+    page_stride = 16 * stride + 8  # pages apart from each other
+    pages = np.array([2, 0, 1], np.int32)
     w = rng.standard_normal(3 * n).astype(F32)
-    v = rng.standard_normal(n * stride).astype(F32)
+    v = rng.standard_normal(3 * page_stride).astype(F32)
     oo, wo, vo = (0, 8, 16, 8), (0, n, 2 * n, n), (0, 8, 16, 8)  # a repeated unit, as padding does
     out = np.full(24, np.nan, F32)
-    _chains(out, oo, w, wo, v, vo, stride, n)
+    _chains(out, oo, w, wo, v, vo, stride, n, pages, page_stride)
     for k in range(4):
         for i in range(8):
             acc = F32(0.0)
             for t in range(n):
-                acc = _fma(w[wo[k] + t], v[vo[k] + t * stride + i], acc)
+                at = vo[k] + pages[t // 16] * page_stride + (t % 16) * stride + i
+                acc = _fma(w[wo[k] + t], v[at], acc)
             assert out[oo[k] + i].view(np.int32) == F32(acc).view(np.int32)
 
 

@@ -43,7 +43,7 @@ def _reference_row(packed, scales, xq, xs, gs, row):
 
 def _kernel_rows(packed, scales, xq, xs, gs, rows):
     n = xq.shape[0]
-    return [row_q4(packed, r * n // 2, xq, xs, scales, r * (n // gs), gs) for r in range(rows)]
+    return [row_q4(packed, r * n // 2, xq, 0, xs, 0, scales, r * (n // gs), n, gs) for r in range(rows)]
 
 
 @pytest.mark.parametrize("gs, n", CASES)

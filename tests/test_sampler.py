@@ -9,7 +9,7 @@ import pytest
 from conftest import libm_expf, shared_file, shared_fixture
 
 from babyllama.errors import GenerationError
-from babyllama.sampler import Sampler, random_f32, random_u32, sample
+from babyllama.sampling import Sampler, random_f32, random_u32, sample
 
 F32 = np.float32
 MASK64 = 2**64 - 1
@@ -335,7 +335,7 @@ class _RefModel:
 
 
 def test_sampler_reproduces_llama2c_generation():
-    from babyllama.tokenizer import Tokenizer
+    from babyllama.tokenizers.llama2c import Llama2cTokenizer as Tokenizer
 
     fixture = json.loads(shared_fixture("generate_stories260K.json").read_text())
     weights = _load_v0(shared_file(fixture["model"]))

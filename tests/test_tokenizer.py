@@ -10,7 +10,7 @@ import pytest
 from conftest import shared_file, shared_fixture
 
 from babyllama.errors import TokenizerError
-from babyllama.tokenizer import Tokenizer
+from babyllama.tokenizers.llama2c import Llama2cTokenizer as Tokenizer
 
 
 @lru_cache(maxsize=None)
@@ -219,7 +219,7 @@ def test_load_synthetic_and_save_round_trip(tmp_path):
     tok = Tokenizer.load(path, 10)
     assert tok.vocab == PIECES and tok.vocab_size == 10 and tok.max_token_length == 6
     assert tok.scores.dtype.name == "float32" and tok.scores[9] == -9.0
-    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    assert (tok.bos_id, tok.eos_ids, tok.stop_ids) == (1, (2,), (1,))
     tok.save(tmp_path / "copy.bin")
     assert (tmp_path / "copy.bin").read_bytes() == path.read_bytes()
 
@@ -275,7 +275,7 @@ def test_load_malformed_records(tmp_path, pieces, max_len, tail, vocab_size, mes
 
 
 def test_load_missing_directory_empty(tmp_path):
-    with pytest.raises(TokenizerError, match="not found"):
+    with pytest.raises(TokenizerError, match="no such tokenizer file"):
         Tokenizer.load(tmp_path / "nope.bin", 10)
     with pytest.raises(TokenizerError, match="is a directory"):
         Tokenizer.load(tmp_path, 10)

@@ -1,121 +1,123 @@
-"""Inference engines: weights (read-only, usually views of a mapped file) kept apart from run state.
+"""The inference engine: weights (read-only, usually views of a mapped file) kept apart from run
+state (state.State: the KV cache and scratch), and one forward per architecture (llama.py).
 
     engine = Engine.from_checkpoint(load_checkpoint("stories15M.bin"))
-    state = engine.new_state()                 # KV cache + scratch buffers, owned by the caller
+    state = engine.new_state()                   # KV cache + scratch buffers, owned by the caller
     logits = engine.forward([1, 403], 0, state)  # prefill two tokens -> logits of the last one
+    logits = engine.step(9038, 2, state)         # decode one token
 
-Nothing here allocates per token: forward writes into the state's buffers and returns a view.
+fp32 (v0/v1), int8 (v2) and int4 (v3) weights all run here: the weights' type picks the matmul.
+Nothing allocates per token: forward writes into the state's buffers and returns a view.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
-from ..checkpoint import Checkpoint, Weights
+from ..arch.llama import Weights
 from ..config import ModelConfig
-from ..errors import GenerationError
+from ..errors import CheckpointError, GenerationError
+from ..quant import QuantWeights
+from ..simd.jitcache import compiles_on_first_call, ensure_fresh
+from .state import PAGE, State
 
 # Below this many weight bytes a single thread wins: a 64x64 matvec takes less time than waking
 # a thread pool. Measured with `babyllama bench` on 2 cores (stories260K: 1 MB serial is faster).
 PARALLEL_MIN_BYTES = 4 << 20
 # Up to this many weight bytes the model stays in the CPU caches from token to token, and the
-# matmuls run eight rows side by side (kernels.matmul's `blocked`): ~20% faster on cached rows,
-# but ~1.5x slower on rows streaming from memory, where one row at a time is one sequential stream.
+# fp32 matmuls run eight rows side by side (kernels.matmul's `blocked`): ~20% faster on cached
+# rows, but ~1.5x slower on rows streaming from memory, where one row at a time is one stream.
 BLOCKED_MAX_BYTES = 8 << 20
-
-
-def compiles_on_first_call(dispatcher) -> bool:
-    """True when a Numba function has no machine code yet, in memory or in its on-disk cache, so
-    its first call compiles (the engine's forward: tens of seconds, once per install)."""
-    if dispatcher.overloads:
-        return False
-    try:
-        return not os.path.exists(dispatcher._cache._cache_file._index_path)
-    except AttributeError:  # Numba's cache internals moved: say nothing rather than guess
-        return False
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of every (position, pair) angle, (seq_len, head_size/2) float32, as run.c's
-    -Ofast build computes them (kernels.rope_table).
-
-    (The tables stored in v0 files are not used by run.c either.)
-    """
+    -Ofast build computes them, with Llama 3.1's frequency scaling when the config has it."""
     from .kernels import rope_table
 
-    return rope_table(cfg.seq_len, cfg.head_size, np.float32(math.log(cfg.rope_theta)))
+    s = cfg.rope_scaling
+    scaling = (s.factor, s.low_freq_factor, s.high_freq_factor, float(s.original_max_position_embeddings)) if s \
+        else (0.0, 0.0, 0.0, 0.0)
+    return rope_table(cfg.seq_len, cfg.head_size, np.float32(math.log(cfg.rope_theta)), scaling)
 
 
-class RunState:
-    """Everything that changes while generating: activations scratch and the KV cache."""
-
-    def __init__(self, cfg: ModelConfig):
-        f32 = np.float32
-        self.pos = 0  # number of positions already in the cache
-        self.token = np.zeros(1, np.int32)  # the decode step's input, reused
-        self.x = np.zeros(cfg.dim, f32)  # residual stream
-        self.xb = np.zeros(cfg.dim, f32)  # normalized / attention output
-        self.xb2 = np.zeros(cfg.dim, f32)  # projection output before the residual add
-        self.q = np.zeros(cfg.dim, f32)
-        self.hb = np.zeros(cfg.hidden_dim, f32)  # SwiGLU hidden activations (w1 @ x, then gated)
-        self.hb2 = np.zeros(cfg.hidden_dim, f32)  # w3 @ x
-        tiles = -(-cfg.seq_len // 16)  # positions in tiles of 16 (kernels.store_kv)
-        self.att = np.zeros((cfg.n_heads, 16 * tiles), f32)  # attention scores
-        self.k = np.zeros(cfg.kv_dim, f32)  # this position's key and value before caching
-        self.v = np.zeros(cfg.kv_dim, f32)
-        # KV cache: keys (layer, kv head, position tile, head_size, position in tile), values
-        # (layer, kv head, position, head_size); kernels.store_kv says why
-        self.key_cache = np.zeros((cfg.n_layers, cfg.n_kv_heads, tiles, cfg.head_size, 16), f32)
-        self.value_cache = np.zeros((cfg.n_layers, cfg.n_kv_heads, cfg.seq_len, cfg.head_size), f32)
-        self.logits = np.zeros((1, cfg.vocab_size), f32)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
-
-
-def _as_tokens(tokens) -> np.ndarray:
-    return np.ascontiguousarray(np.atleast_1d(np.asarray(tokens)), dtype=np.int32)
+def _as_int32(values) -> np.ndarray:
+    return np.ascontiguousarray(np.atleast_1d(np.asarray(values)), dtype=np.int32)
 
 
 class Engine:
-    """fp32 inference over llama2.c weights (v0/v1 files, or arrays from the trainer)."""
+    """Inference over a Llama model's weights: fp32 Weights, or QuantWeights (int8/int4)."""
 
-    def __init__(self, cfg: ModelConfig, weights: Weights, parallel: bool | None = None,
-                 blocked: bool | None = None):
-        from .jitcache import ensure_fresh
+    def __init__(self, cfg: ModelConfig, weights, parallel: bool | None = None, blocked: bool | None = None):
+        from .llama import LlamaWeights, Params
 
         ensure_fresh()  # before any compiled code loads: no machine code from older sources
         self.config = cfg
         self.weights = weights
+        self.quantized = isinstance(weights, QuantWeights)
+        if not self.quantized and not isinstance(weights, Weights):
+            raise CheckpointError(f"expected fp32 Weights or QuantWeights, got {type(weights).__name__}")
         if parallel is None:
             parallel = self.weight_bytes >= PARALLEL_MIN_BYTES
         if blocked is None:
             blocked = self.weight_bytes <= BLOCKED_MAX_BYTES
-        self.parallel, self.blocked = bool(parallel), bool(blocked)  # either way, the same logits
+        self.parallel = bool(parallel)
+        self.blocked = bool(blocked) and not self.quantized  # row blocks are an fp32 kernel's choice
         self.rope_cos, self.rope_sin = rope_tables(cfg)
-        self._eps = np.float32(cfg.norm_eps)
-        self._forward = None
+        w = weights
+        if self.quantized:
+            from .qgemm import weight_sums
+
+            def m(q):
+                sums = weight_sums(q.data, q.offsets, q.rows, q.cols, q.group_size) if q.bits == 8 \
+                    else np.zeros(0, np.int32)
+                return (q.data, q.offsets, q.scales.reshape(-1), sums)
+
+            self._w = tuple(LlamaWeights(m(w.token_embedding), w.rms_att, m(w.wq), m(w.wk), m(w.wv), m(w.wo),
+                                         w.rms_ffn, m(w.w1), m(w.w2), m(w.w3), w.rms_final[None], m(w.wcls)))
+            gs, bits = w.group_size, w.bits
+        else:
+            self._w = tuple(LlamaWeights(w.token_embedding, w.rms_att, w.wq, w.wk, w.wv, w.wo, w.rms_ffn, w.w1, w.w2,
+                                         w.w3, w.rms_final[None], w.wcls[None]))
+            gs, bits = 1, 32
+        self._p = tuple(Params(cfg.n_heads, np.float32(cfg.norm_eps), self.parallel, self.blocked, gs, bits,
+                               self.rope_cos, self.rope_sin))
+        self._one_row = np.zeros(1, np.int32)
 
     @classmethod
-    def from_checkpoint(cls, ck: Checkpoint, parallel: bool | None = None) -> "Engine":
+    def from_checkpoint(cls, ck, parallel: bool | None = None) -> "Engine":
+        """The engine for a loaded .bin (formats.llama2c.Checkpoint), whatever its version."""
         return cls(ck.config, ck.weights, parallel)
 
     @property
+    def bits(self) -> int:
+        return self.weights.bits if self.quantized else 32
+
+    @property
+    def group_size(self) -> int:
+        return self.weights.group_size if self.quantized else 0
+
+    @property
     def weight_bytes(self) -> int:
-        """Bytes of weights one decode step reads (the classifier once even if tied)."""
+        """Bytes of weights one decode step reads (the embedding: one row; a tied classifier once)."""
         w = self.weights
+        if self.quantized:
+            total = sum(q.nbytes for n, q in w.matrices() if n not in ("token_embedding", "wcls"))
+            emb = w.token_embedding
+            total += w.wcls.nbytes + emb.cols * w.bits // 8 + 4 * (emb.cols // w.group_size)
+            return total + w.rms_att.nbytes + w.rms_ffn.nbytes + w.rms_final.nbytes
         return sum(a.nbytes for n, a in w.items() if n != "token_embedding") + w.token_embedding[0].nbytes
 
-    def new_state(self) -> RunState:
-        return RunState(self.config)
+    def new_state(self, n_slots: int = 1, n_pages: int | None = None) -> State:
+        """Run state for n_slots sequences (n_pages: the cache pool; default, every slot's whole
+        context)."""
+        return State(self.config, n_slots, n_pages, self.group_size)
 
     @property
     def compiles_on_first_call(self) -> bool:
-        from .fp32 import forward
+        from .llama import forward
 
         return compiles_on_first_call(forward)
 
@@ -128,45 +130,81 @@ class Engine:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
             raise GenerationError(f"token ids must be in [0, {cfg.vocab_size}), found {tokens.min()}..{tokens.max()}")
 
-    def forward(self, tokens, pos: int, state: RunState, all_logits: bool = False) -> np.ndarray:
-        """Run tokens at positions pos.. through the model; return logits.
+    def run(self, tokens, positions, slots, logit_rows, state: State, out: np.ndarray | None = None) -> np.ndarray:
+        """The general call: T token rows (token, position, slot) of the state's sequences; returns
+        the logits of logit_rows (ascending row indices), (R, vocab). Rows of one sequence must be
+        consecutive positions in order, after what the slot already holds. Checked here; the
+        slots' pages must be reserved (State.reserve)."""
+        tokens, positions, slots, logit_rows = (_as_int32(a) for a in (tokens, positions, slots, logit_rows))
+        T = tokens.shape[0]
+        if not (positions.shape[0] == slots.shape[0] == T) or T == 0:
+            raise GenerationError(f"tokens, positions and slots must have the same length > 0, got "
+                                  f"{T}, {positions.shape[0]}, {slots.shape[0]}")
+        if logit_rows.size and (np.any(np.diff(logit_rows) <= 0) or logit_rows[0] < 0 or logit_rows[-1] >= T):
+            raise GenerationError(f"logit_rows must be ascending row indices below {T}")
+        self.check_tokens(tokens, 0)
+        if positions.min() < 0 or positions.max() >= self.config.seq_len:
+            raise GenerationError(f"positions must be in [0, {self.config.seq_len}), found "
+                                  f"{positions.min()}..{positions.max()}")
+        if slots.min() < 0 or slots.max() >= state.n_slots:
+            raise GenerationError(f"slots must be in [0, {state.n_slots}), found {slots.min()}..{slots.max()}")
+        for s in np.unique(slots):
+            pos_s = positions[slots == s]
+            if pos_s[0] > state.lengths[s] or np.any(np.diff(pos_s) != 1):
+                raise GenerationError(f"slot {s}: rows must continue its {state.lengths[s]} cached positions in "
+                                      f"order, found positions {pos_s[0]}..{pos_s[-1]}")
+            if state.pages_for(int(pos_s[-1]) + 1) > len(state._pages[s]):
+                raise GenerationError(f"slot {s}: positions up to {pos_s[-1]} have no pages reserved")
+        if out is None:
+            out = np.empty((logit_rows.shape[0], self.config.vocab_size), np.float32)
+        self._forward(tokens, positions, slots, logit_rows, out, state)
+        for s in np.unique(slots):
+            state.lengths[s] = positions[slots == s][-1] + 1
+        return out
+
+    def forward(self, tokens, pos: int, state: State, all_logits: bool = False, slot: int = 0) -> np.ndarray:
+        """Run tokens at positions pos.. of one sequence (slot) through the model; return logits.
 
         Returns a (vocab,) view of the last position's logits, or (T, vocab) with all_logits.
         The returned view is overwritten by the next call.
         """
-        tokens = _as_tokens(tokens)
+        tokens = _as_int32(tokens)
         self.check_tokens(tokens, pos)
-        out = np.empty((tokens.shape[0], self.config.vocab_size), np.float32) if all_logits else state.logits
-        self._run(tokens, pos, out, state)
+        T = tokens.shape[0]
+        state.reserve(slot, pos + T)
+        positions = np.arange(pos, pos + T, dtype=np.int32)
+        slots = np.full(T, slot, np.int32)
+        if all_logits:
+            out = np.empty((T, self.config.vocab_size), np.float32)
+            self._forward(tokens, positions, slots, positions - pos, out, state)
+        else:
+            out = state.logits
+            self._forward(tokens, positions, slots, np.array([T - 1], np.int32), out, state)
+        state.lengths[slot] = pos + T
         return out if all_logits else out[0]
 
-    def step(self, token: int, pos: int, state: RunState) -> np.ndarray:
-        """forward() for one token: the decode loop's path, with only scalar checks (~1 us less)."""
+    def step(self, token: int, pos: int, state: State, slot: int = 0) -> np.ndarray:
+        """forward() for one token: the decode loop's path, with only scalar checks."""
         if not (0 <= pos < self.config.seq_len and 0 <= token < self.config.vocab_size):
             self.check_tokens(np.array([token], np.int32), pos)  # raises with the full message
-        state.token[0] = token
-        self._run(state.token, pos, state.logits, state)
+        state.reserve(slot, pos + 1)
+        st = state._step
+        st[0][0], st[1][0], st[2][0] = token, pos, slot
+        self._forward(st[0], st[1], st[2], self._one_row, state.logits, state)
+        state.lengths[slot] = pos + 1
         return state.logits[0]
 
-    def _run(self, tokens: np.ndarray, pos: int, out: np.ndarray, state: RunState) -> None:
-        if self._forward is None:  # bound once: at ~20 us a token, Python-side work shows
-            from .fp32 import forward
+    def _forward(self, tokens, positions, slots, logit_rows, out, state: State) -> None:
+        from .llama import forward
 
-            w = self.weights
-            self._forward = forward
-            self._weight_args = (w.token_embedding, w.rms_att, w.wq, w.wk, w.wv, w.wo, w.rms_ffn, w.w1, w.w2, w.w3,
-                                 w.rms_final, w.wcls)
-        self._forward(
-            tokens, pos, out, *self._weight_args,
-            state.key_cache, state.value_cache, state.x, state.xb, state.xb2, state.q, state.k, state.v,
-            state.hb, state.hb2, state.att, self.rope_cos, self.rope_sin,
-            self.config.n_heads, self._eps, self.parallel, self.blocked,
-        )
-        state.pos = pos + tokens.shape[0]
+        state.ensure_rows(tokens.shape[0])
+        forward(tokens, positions, slots, tokens.shape[0], logit_rows, out, self._w, state.cache, state.scratch_args,
+                self._p)
 
     def logits(self, tokens) -> np.ndarray:
         """(T, vocab) logits of every position of a token sequence, from a fresh state."""
         return self.forward(tokens, 0, self.new_state(), all_logits=True)
 
 
-__all__ = ["Engine", "RunState", "rope_tables", "compiles_on_first_call", "PARALLEL_MIN_BYTES", "BLOCKED_MAX_BYTES"]
+__all__ = ["Engine", "State", "PAGE", "rope_tables", "compiles_on_first_call", "PARALLEL_MIN_BYTES",
+           "BLOCKED_MAX_BYTES"]

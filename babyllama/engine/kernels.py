@@ -5,7 +5,12 @@ gcc -Ofast -march=native, which compiles them into specific vectorized operation
 which and why). These kernels perform exactly those, so the fp32 engine's logits are run.c's bit
 for bit and the quantized engine's are runq's. No fastmath: it would let LLVM reorder the very
 sums that are ordered here on purpose. The forward passes that call these keep their machine code
-on disk (ENTRY, below), so only the first-ever run pays compile time.
+on disk (simd.jit.entry), so only the first-ever run pays compile time.
+
+Activations are (rows, width) arrays, one row per token of the forward call, and the weights
+(layers, rows, cols) stacks: kernels take the whole arrays and a row (t) or layer (l) index, never
+a slice. A slice passed to a compiled function is a new array object whose reference count is
+updated around the call (~35 ns): at stories260K's ~40 kernel calls a layer, a tenth of a token.
 
 Parallel kernels take a `parallel` flag: tiny models (stories260K) run faster on one thread,
 because waking the thread pool (~1-2 us) costs more than a 64x64 matrix-vector product. The
@@ -13,11 +18,13 @@ serial branch never touches the thread pool.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import get_thread_id, njit, prange
 
-from .ofast import (
+from ..simd.jit import JIT, entry
+from ..simd.ofast import (
     dot,
     dot8,
+    dot_tile,
     dot16_columns,
     f32,
     fma,
@@ -28,44 +35,39 @@ from .ofast import (
     softmax,
 )
 
-# Only entry points (the forward passes, rope_table) keep machine code on disk (ENTRY). A kernel
-# cached on its own is loaded as finished machine code when a forward is compiled in a later
-# process, and the forward then calls it opaquely: measured 20-60% slower forwards (no inlining),
-# and with the threaded kernels loaded that way, a cached forward that segfaulted in the next
-# process. Uncached, the kernels are always compiled into whichever forward calls them.
-JIT = dict(cache=False, nogil=True, error_model="numpy", fastmath=False)
-ENTRY = dict(JIT, cache=True)
+# Kernels are compiled with JIT, never cached on their own: only entry points keep machine code
+# on disk (simd/jit.py says why).
 
 
 @njit(inline="always", **JIT)
-def _unit(out, w, x, u, blocked):
-    """One unit of out = w @ x: rows 8u .. 8u + 7 if blocked (ofast.dot8), else row u (ofast.dot).
-    Inlined: called inside prange, a real call would update the arrays' reference counts
-    atomically on every iteration, from every thread."""
-    d = x.shape[0]
+def _unit(out, w, l, x, t, u, blocked):
+    """One unit of out[t] = w[l] @ x[t]: rows 8u .. 8u + 7 if blocked (ofast.dot8), else row u
+    (ofast.dot). Inlined: called inside prange, a real call would update the arrays' reference
+    counts atomically on every iteration, from every thread."""
+    n, d = out.shape[1], x.shape[1]
     if blocked:
-        dot8(out, 8 * u, w, 8 * u * d, x, 0, d)
+        dot8(out, t * n + 8 * u, w, (l * n + 8 * u) * d, x, t * d, d)
     else:
-        out[u] = dot(w, u * d, x, 0, d)
+        out[t, u] = dot(w, (l * n + u) * d, x, t * d, d)
 
 
 @njit(**JIT)
 def _units(out, blocked):
-    return out.shape[0] // 8 if blocked else out.shape[0]
+    return out.shape[1] // 8 if blocked else out.shape[1]
 
 
 @njit(**JIT)
-def _last_rows(out, w, x, blocked):
+def _last_rows(out, w, l, x, t, blocked):
     """With blocked units, the rows after the last whole block of 8, one by one (the same sums)."""
-    d = x.shape[0]
+    n, d = out.shape[1], x.shape[1]
     if blocked:
-        for i in range(8 * (out.shape[0] // 8), out.shape[0]):
-            out[i] = dot(w, i * d, x, 0, d)
+        for i in range(8 * (n // 8), n):
+            out[t, i] = dot(w, (l * n + i) * d, x, t * d, d)
 
 
 @njit(parallel=True, **JIT)
-def matmul(out, w, x, parallel, blocked):
-    """out (n,) = w (n, d) @ x (d,) -- the matrix-vector product that is ~all of decode time.
+def matmul(out, w, l, x, t, parallel, blocked):
+    """out[t] (n,) = w[l] (n, d) @ x[t] (d,) -- the matrix-vector product that is ~all of decode time.
 
     Each row is run.c's `val += w[i * n + j] * x[j]` as -Ofast vectorizes it (ofast.dot). blocked
     computes eight rows at a time (ofast.dot8), which is faster while the weights sit in the CPU
@@ -73,213 +75,355 @@ def matmul(out, w, x, parallel, blocked):
     """
     if parallel:
         for u in prange(_units(out, blocked)):
-            _unit(out, w, x, u, blocked)
+            _unit(out, w, l, x, t, u, blocked)
     else:
         for u in range(_units(out, blocked)):
-            _unit(out, w, x, u, blocked)
-    _last_rows(out, w, x, blocked)
+            _unit(out, w, l, x, t, u, blocked)
+    _last_rows(out, w, l, x, t, blocked)
 
 
 @njit(parallel=True, **JIT)
-def matmul3(q, k, v, wq, wk, wv, x, parallel, blocked):
-    """q, k, v = wq @ x, wk @ x, wv @ x in one parallel loop over all their units: one thread-pool
-    launch instead of three (a launch costs microseconds, a 15M model's q/k/v rows tens)."""
+def matmul3(q, k, v, wq, wk, wv, l, x, t, parallel, blocked):
+    """q, k, v = wq @ x, wk @ x, wv @ x (row t, layer l) in one parallel loop over all their units:
+    one thread-pool launch instead of three (a launch costs microseconds, a 15M model's q/k/v rows
+    tens)."""
     nq, nk = _units(q, blocked), _units(k, blocked)
     if parallel:
         for u in prange(nq + 2 * nk):
             if u < nq:
-                _unit(q, wq, x, u, blocked)
+                _unit(q, wq, l, x, t, u, blocked)
             elif u < nq + nk:
-                _unit(k, wk, x, u - nq, blocked)
+                _unit(k, wk, l, x, t, u - nq, blocked)
             else:
-                _unit(v, wv, x, u - nq - nk, blocked)
+                _unit(v, wv, l, x, t, u - nq - nk, blocked)
     else:
         for u in range(nq):
-            _unit(q, wq, x, u, blocked)
+            _unit(q, wq, l, x, t, u, blocked)
         for u in range(nk):
-            _unit(k, wk, x, u, blocked)
-            _unit(v, wv, x, u, blocked)
-    _last_rows(q, wq, x, blocked)
-    _last_rows(k, wk, x, blocked)
-    _last_rows(v, wv, x, blocked)
+            _unit(k, wk, l, x, t, u, blocked)
+            _unit(v, wv, l, x, t, u, blocked)
+    _last_rows(q, wq, l, x, t, blocked)
+    _last_rows(k, wk, l, x, t, blocked)
+    _last_rows(v, wv, l, x, t, blocked)
 
 
 @njit(parallel=True, **JIT)
-def matmul2(out1, out3, w1, w3, x, parallel, blocked):
-    """out1, out3 = w1 @ x, w3 @ x (SwiGLU's two up-projections) in one parallel loop."""
+def matmul2(out1, out3, w1, w3, l, x, t, parallel, blocked):
+    """out1, out3 = w1 @ x, w3 @ x (SwiGLU's two up-projections; row t, layer l) in one parallel loop."""
     if parallel:
         for u in prange(_units(out1, blocked)):
-            _unit(out1, w1, x, u, blocked)
-            _unit(out3, w3, x, u, blocked)
+            _unit(out1, w1, l, x, t, u, blocked)
+            _unit(out3, w3, l, x, t, u, blocked)
     else:
         for u in range(_units(out1, blocked)):
-            _unit(out1, w1, x, u, blocked)
-            _unit(out3, w3, x, u, blocked)
-    _last_rows(out1, w1, x, blocked)
-    _last_rows(out3, w3, x, blocked)
+            _unit(out1, w1, l, x, t, u, blocked)
+            _unit(out3, w3, l, x, t, u, blocked)
+    _last_rows(out1, w1, l, x, t, blocked)
+    _last_rows(out3, w3, l, x, t, blocked)
+
+
+# Many token rows at once (prefill, a batch step, speculative verification): a tile of GEMM_R
+# weight rows x GEMM_C token rows of dot products runs side by side in registers, so each loaded
+# weight vector serves GEMM_C tokens and each activation vector GEMM_R rows: compute-bound where
+# the matrix-vector product above is memory-bound. Every element is still ofast.dot's sum in its
+# order (dot_tile), so a row's logits do not depend on what else is in the block. 4 x 6 keeps the
+# 24 accumulators, 6 activation vectors and a weight vector in the 32 zmm registers.
+GEMM_R, GEMM_C = 4, 6
+_tile = dot_tile(GEMM_R, GEMM_C)
+_tile_one = dot_tile(GEMM_R, 1)  # the tokens after the last whole group of GEMM_C
+
+
+@njit(inline="always", **JIT)
+def _gemm_unit(out, w, l, x, T, u):
+    """Rows GEMM_R*u .. +GEMM_R of out[:T] = x[:T] @ w[l].T, all T tokens."""
+    n, d = out.shape[1], x.shape[1]
+    r0 = GEMM_R * u
+    wo = (l * n + r0) * d
+    t = 0
+    while t + GEMM_C <= T:
+        _tile(out, t * n + r0, n, w, wo, d, x, t * d, d, d)
+        t += GEMM_C
+    while t < T:
+        _tile_one(out, t * n + r0, n, w, wo, d, x, t * d, d, d)
+        t += 1
 
 
 @njit(**JIT)
-def rope(vec, n_heads, head_size, cos, sin):
-    """Rotate each (even, odd) pair of every head by the position's angle (RoPE, Su et al. 2021).
+def _gemm_rest(out, w, l, x, T):
+    """The rows after the last whole tile, element by element (the same sums)."""
+    n, d = out.shape[1], x.shape[1]
+    for i in range(GEMM_R * (n // GEMM_R), n):
+        for t in range(T):
+            out[t, i] = dot(w, (l * n + i) * d, x, t * d, d)
 
-    llama2.c's convention: pairs are interleaved (x[2i], x[2i+1]); cos/sin are (head_size/2,).
-    The products are rounded before the add, as gcc's vaddsubps does.
+
+@njit(parallel=True, **JIT)
+def gemm(out, w, l, x, T, parallel):
+    """out[:T] (T, n) = x[:T] (T, d) @ w[l].T: the rows x[t] of a block, each out[t, i] bit for bit
+    matmul's. Threads take tiles of rows (each weight row is read by one thread, once)."""
+    units = out.shape[1] // GEMM_R
+    if parallel:
+        for u in prange(units):
+            _gemm_unit(out, w, l, x, T, u)
+    else:
+        for u in range(units):
+            _gemm_unit(out, w, l, x, T, u)
+    _gemm_rest(out, w, l, x, T)
+
+
+@njit(parallel=True, **JIT)
+def gemm3(q, k, v, wq, wk, wv, l, x, T, parallel):
+    """gemm for q, k and v in one parallel loop (one thread-pool launch)."""
+    nq, nk = q.shape[1] // GEMM_R, k.shape[1] // GEMM_R
+    if parallel:
+        for u in prange(nq + 2 * nk):
+            if u < nq:
+                _gemm_unit(q, wq, l, x, T, u)
+            elif u < nq + nk:
+                _gemm_unit(k, wk, l, x, T, u - nq)
+            else:
+                _gemm_unit(v, wv, l, x, T, u - nq - nk)
+    else:
+        for u in range(nq):
+            _gemm_unit(q, wq, l, x, T, u)
+        for u in range(nk):
+            _gemm_unit(k, wk, l, x, T, u)
+            _gemm_unit(v, wv, l, x, T, u)
+    _gemm_rest(q, wq, l, x, T)
+    _gemm_rest(k, wk, l, x, T)
+    _gemm_rest(v, wv, l, x, T)
+
+
+@njit(parallel=True, **JIT)
+def gemm2(o1, o3, w1, w3, l, x, T, parallel):
+    """gemm for SwiGLU's w1 and w3 in one parallel loop."""
+    units = o1.shape[1] // GEMM_R
+    if parallel:
+        for u in prange(units):
+            _gemm_unit(o1, w1, l, x, T, u)
+            _gemm_unit(o3, w3, l, x, T, u)
+    else:
+        for u in range(units):
+            _gemm_unit(o1, w1, l, x, T, u)
+            _gemm_unit(o3, w3, l, x, T, u)
+    _gemm_rest(o1, w1, l, x, T)
+    _gemm_rest(o3, w3, l, x, T)
+
+
+@njit(**JIT)
+def rope(vec, t, n_heads, head_size, cos, sin, pos):
+    """Rotate each (even, odd) pair of every head of vec[t] by position pos's angles (RoPE, Su et
+    al. 2021).
+
+    llama2.c's convention: pairs are interleaved (x[2i], x[2i+1]); cos/sin are (positions,
+    head_size/2) tables. The products are rounded before the add, as gcc's vaddsubps does.
     """
     for h in range(n_heads):
         base = h * head_size
         for i in range(head_size // 2):
-            v0 = vec[base + 2 * i]
-            v1 = vec[base + 2 * i + 1]
-            vec[base + 2 * i] = v0 * cos[i] - v1 * sin[i]
-            vec[base + 2 * i + 1] = v0 * sin[i] + v1 * cos[i]
-
-
+            v0 = vec[t, base + 2 * i]
+            v1 = vec[t, base + 2 * i + 1]
+            vec[t, base + 2 * i] = v0 * cos[pos, i] - v1 * sin[pos, i]
+            vec[t, base + 2 * i + 1] = v0 * sin[pos, i] + v1 * cos[pos, i]
 
 
 @njit(**JIT)
-def rmsnorm(out, x, weight, eps, in_layer):
-    """out = weight * x / sqrt(mean(x^2) + eps) (Zhang & Sennrich 2019), as compiled:
+def rmsnorm(out, j, x, t, weight, l, eps, in_layer):
+    """out[j] = weight[l] * x[t] / sqrt(mean(x[t]^2) + eps) (Zhang & Sennrich 2019), as compiled:
     ss = sum(x^2) (vectorized), r = 1/sqrt(ss/n + eps) (rsqrtss + Newton).
 
     gcc compiles the two inlined copies differently: inside a layer (in_layer) ss/n + eps is one
     fused multiply-add with 1/n and the output is (x * w) * r for whole 16-blocks, (r * x) * w
     after them; the final norm divides, adds, and computes (x * w) * r throughout.
     """
-    n = x.shape[0]
-    ss = dot(x, 0, x, 0, n)
+    n = x.shape[1]
+    ss = dot(x, t * n, x, t * n, n)
     if in_layer:
         ss = fma(ss, f32(1.0) / f32(n), eps)
     else:
         ss = ss / f32(n) + eps
     r = inv_sqrt(ss)
     vec_end = 16 * (n // 16) if in_layer else n
-    for j in range(vec_end):
-        out[j] = (x[j] * weight[j]) * r
-    for j in range(vec_end, n):
-        out[j] = (r * x[j]) * weight[j]
+    for i in range(vec_end):
+        out[j, i] = (x[t, i] * weight[l, i]) * r
+    for i in range(vec_end, n):
+        out[j, i] = (r * x[t, i]) * weight[l, i]
 
 
 @njit(**JIT)
-def silu_mul(hb, hb2):
-    """hb = silu(hb) * hb2 in place (the SwiGLU gate, Shazeer 2020), llama2.c's loop as compiled:
-    whole 16-blocks and then one 8-block are vectorized (ofast.gate16, gate8: libmvec's expf and a
-    Newton-refined reciprocal for 1 / (1 + e^-x)); the tail gets libm's expf and a true division."""
-    n = hb.shape[0]
+def silu_mul(hb, hb2, t):
+    """hb[t] = silu(hb[t]) * hb2[t] in place (the SwiGLU gate, Shazeer 2020), llama2.c's loop as
+    compiled: whole 16-blocks and then one 8-block are vectorized (ofast.gate16, gate8: libmvec's
+    expf and a Newton-refined reciprocal for 1 / (1 + e^-x)); the tail gets libm's expf and a true
+    division."""
+    n = hb.shape[1]
     j = 0
     while n - j >= 16:
-        gate16(hb, hb2, j)
+        gate16(hb, hb2, t * n + j)
         j += 16
     if n - j >= 8:
-        gate8(hb, hb2, j)
+        gate8(hb, hb2, t * n + j)
         j += 8
     for i in range(j, n):
-        inv = f32(1.0) / (np.exp(-hb[i]) + f32(1.0))
-        hb[i] = inv * (hb[i] * hb2[i])
+        inv = f32(1.0) / (np.exp(-hb[t, i]) + f32(1.0))
+        hb[t, i] = inv * (hb[t, i] * hb2[t, i])
 
 
 @njit(**JIT)
-def store_kv(key_cache, value_cache, k, v, pos):
-    """Write this position's key and value into one layer's caches: keys in tiles of 16 positions
-    (n_kv_heads, tiles, head_size, 16), values position-major (n_kv_heads, seq_len, head_size).
+def store_kv(key_pages, value_pages, l, page, slot, k, v, t):
+    """Write row t's key and value into its page of layer l's cache: keys (L, pages, n_kv_heads,
+    head_size, 16), values (L, pages, n_kv_heads, 16, head_size); `slot` is the position within
+    the page's 16.
 
-    Each layout makes its half of the attention a sequential read that keeps llama2.c's order: a
-    tile is the (head_size, 16) block the scores take at once (16 positions side by side), and
-    the weighted sum reads each position's value as one vector. Keys (head_size, seq_len) would
+    A page holds 16 positions: the (head_size, 16) block the scores take at once (16 positions side
+    by side) and the 16 value vectors the weighted sum reads one after another, so each half of the
+    attention is a sequential read that keeps llama2.c's order. Keys (head_size, positions) would
     read 64 bytes from each of head_size rows a block, rows apart: slow once the cache has been
-    evicted by the weights streaming past (a large model, every token).
+    evicted by the weights streaming past (a large model, every token). Pages let many sequences
+    share one pool, each holding only the pages its positions need (state.py).
     """
-    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[2]
-    tile, slot = pos // 16, pos % 16
+    n_kv_heads, head_size = key_pages.shape[2], key_pages.shape[3]
     for g in range(n_kv_heads):
         for i in range(head_size):
-            key_cache[g, tile, i, slot] = k[g * head_size + i]
-            value_cache[g, pos, i] = v[g * head_size + i]
+            key_pages[l, page, g, i, slot] = k[t, g * head_size + i]
+            value_pages[l, page, g, slot, i] = v[t, g * head_size + i]
 
 
 @njit(inline="always", **JIT)
-def _head_weights(att, q, key_cache, pos, h, n_heads, scale):
-    """att[:pos+1] = softmax(q_h . k_t * (1/sqrt(head_size))), llama2.c's scores and softmax (with
-    element 0 peeled, as gcc compiles the one inlined into forward). The scores go one tile of 16
-    positions at a time (ofast.dot16_columns); the last tile's unused positions are computed too,
-    from zeros or stale keys, and never read."""
-    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[2]
+def _head_weights(att, ao, q, qo, key_pages, l, block_table, seq, pos, g, scale):
+    """att[ao : ao + pos + 1] (att 1-D) = softmax(q_h . k_t * (1/sqrt(head_size))) for the query head at
+    q.flat[qo:] and kv head g: llama2.c's scores and softmax (with element 0 peeled, as gcc
+    compiles the one inlined into forward). The scores go one page of 16 positions at a time
+    (ofast.dot16_columns); the last page's unused positions are computed too, from zeros or stale
+    keys, and never read."""
+    n_kv_heads, head_size = key_pages.shape[2], key_pages.shape[3]
     n = pos + 1
-    kh = key_cache[h // (n_heads // n_kv_heads)]  # (tiles, head_size, 16)
+    page_floats = n_kv_heads * head_size * 16
+    base = l * key_pages.shape[1] * page_floats + g * head_size * 16  # layer l, kv head g
     for b in range((n + 15) // 16):
-        dot16_columns(att, 16 * b, q, h * head_size, kh, b * head_size * 16, head_size, 16, scale)
-    softmax(att, n, True)
+        ko = base + block_table[seq, b] * page_floats
+        dot16_columns(att, ao + 16 * b, q, qo, key_pages, ko, head_size, 16, scale)
+    softmax(att, ao, n, True)
 
 
 @njit(inline="always", **JIT)
-def _chunk(u, per_head, head_size, row, seq_len, kv_mul):
+def _chunk(u, per_head, head_size, out_base, att_base, row, kv_mul):
     """Flat offsets of weighted-sum unit u (head u // per_head, its 8-dim chunk u % per_head) into
-    out, att (rows of `row`) and value_cache (kv head's (seq_len, head_size) block)."""
+    out, att (rows of `row`) and a value page ((n_kv_heads, 16, head_size) block)."""
     h, c = u // per_head, 8 * (u % per_head)
-    return h * head_size + c, h * row, (h // kv_mul) * seq_len * head_size + c
+    return out_base + h * head_size + c, att_base + h * row, (h // kv_mul) * 16 * head_size + c
 
 
 @njit(inline="always", **JIT)
-def _weighted_sums(out, att, value_cache, n, h0, h1, n_heads):
-    """out_h = sum_{t < n} att[h, t] * v_t for heads h0 <= h < h1: each element a chain of fused
-    multiply-adds in t order (run.c's loop). The heads' 8-dim chunks go four at a time through
-    ofast.fma_chains, a short last group repeating its final chunk; dims past a multiple of 8 are
-    done one by one."""
-    n_kv_heads, seq_len, head_size = value_cache.shape
-    row = att.shape[1]
-    kv_mul = n_heads // n_kv_heads
+def _weighted_sums(out, t, att, att_base, row, value_pages, l, block_table, seq, n, h0, h1, kv_mul):
+    """out[t]_h = sum_{s < n} att_h[s] * v_s for heads h0 <= h < h1 (att 1-D, att_h at att[att_base +
+    h * row:]): each element a chain of fused multiply-adds in s order (run.c's loop), across the
+    sequence's pages. The heads' 8-dim chunks go four at a time through ofast.fma_chains, a short
+    last group repeating its final chunk; dims past a multiple of 8 are done one by one."""
+    n_kv_heads, head_size = value_pages.shape[2], value_pages.shape[4]
     per_head = head_size // 8
+    page_floats = n_kv_heads * 16 * head_size
+    base = l * value_pages.shape[1] * page_floats  # layer l's pages
+    out_base = t * out.shape[1]
+    blocks = block_table.shape[1]
     first, last = h0 * per_head, h1 * per_head - 1
     for g in range(first, last + 1, 4):
-        o0, a0, v0 = _chunk(g, per_head, head_size, row, seq_len, kv_mul)
-        o1, a1, v1 = _chunk(min(g + 1, last), per_head, head_size, row, seq_len, kv_mul)
-        o2, a2, v2 = _chunk(min(g + 2, last), per_head, head_size, row, seq_len, kv_mul)
-        o3, a3, v3 = _chunk(min(g + 3, last), per_head, head_size, row, seq_len, kv_mul)
-        fma_chains(out, (o0, o1, o2, o3), att, (a0, a1, a2, a3), value_cache, (v0, v1, v2, v3), head_size, n)
-    for h in range(h0, h1):
-        vh = value_cache[h // kv_mul]  # (seq_len, head_size)
-        for i in range(8 * per_head, head_size):
-            acc = f32(0.0)
-            for t in range(n):
-                acc = fma(att[h, t], vh[t, i], acc)
-            out[h * head_size + i] = acc
+        o0, a0, v0 = _chunk(g, per_head, head_size, out_base, att_base, row, kv_mul)
+        o1, a1, v1 = _chunk(min(g + 1, last), per_head, head_size, out_base, att_base, row, kv_mul)
+        o2, a2, v2 = _chunk(min(g + 2, last), per_head, head_size, out_base, att_base, row, kv_mul)
+        o3, a3, v3 = _chunk(min(g + 3, last), per_head, head_size, out_base, att_base, row, kv_mul)
+        fma_chains(out, (o0, o1, o2, o3), att, (a0, a1, a2, a3), value_pages,
+                   (base + v0, base + v1, base + v2, base + v3), head_size, n, block_table, seq * blocks,
+                   page_floats)
+    if 8 * per_head < head_size:
+        for h in range(h0, h1):
+            g = h // kv_mul
+            for i in range(8 * per_head, head_size):
+                acc = f32(0.0)
+                for s in range(n):
+                    acc = fma(att[att_base + h * row + s], value_pages[l, block_table[seq, s // 16], g, s % 16, i], acc)
+                out[t, h * head_size + i] = acc
+
+
+@njit(inline="always", **JIT)
+def _attend(out, q, t, key_pages, value_pages, l, block_table, seq, att, ao, row, pos, n_heads):
+    """attention() for row t on one thread: all heads' weights, then their weighted sums together
+    (more chains in flight), with scores at att[ao:] (this thread's part)."""
+    kv_mul = n_heads // key_pages.shape[2]
+    head_size = key_pages.shape[3]
+    scale = inv_sqrt(f32(head_size))  # score /= sqrtf(head_size), as compiled
+    qo = t * q.shape[1]
+    for h in range(n_heads):
+        _head_weights(att, ao + h * row, q, qo + h * head_size, key_pages, l, block_table, seq, pos, h // kv_mul, scale)
+    _weighted_sums(out, t, att, ao, row, value_pages, l, block_table, seq, pos + 1, 0, n_heads, kv_mul)
 
 
 @njit(parallel=True, **JIT)
-def attention(out, q, key_cache, value_cache, att, pos, n_heads, parallel):
-    """Causal multi-head attention of one query position over cache positions 0..pos.
+def attention(out, q, t, key_pages, value_pages, l, block_table, seq, att, row, pos, n_heads, parallel):
+    """Causal multi-head attention of row t's query (at position pos of sequence seq) over the
+    sequence's positions 0..pos, into out[t].
 
-    q, out: (n_heads * head_size,); key_cache (n_kv_heads, tiles, head_size, 16) and value_cache
-    (n_kv_heads, seq_len, head_size): one layer's (store_kv). att (n_heads, 16 * tiles): scratch.
+    q, out: (rows, n_heads * head_size); key_pages / value_pages: the cache (store_kv); block_table
+    (sequences, blocks): each block of 16 positions' page; l the layer. att: scratch, flat
+    (threads * n_heads * row), head h's scores at h * row (thread 0's part).
     Query head h reads kv head h // (n_heads / n_kv_heads) (grouped-query attention, Ainslie et
     al. 2023).
 
     In a large model the cache is evicted by the weights streaming past every token, and attention
-    waits on memory: threads take heads. One thread does all heads' weighted sums together (more
-    chains in flight). The helpers are inlined: called from the prange body, each would be
-    compiled again into the thread-pool function, seconds of the first-ever run.
+    waits on memory: threads take heads. The helpers are inlined: called from the prange body,
+    each would be compiled again into the thread-pool function, seconds of the first-ever run.
     """
-    scale = inv_sqrt(f32(key_cache.shape[2]))  # score /= sqrtf(head_size), as compiled
     if parallel:
+        kv_mul = n_heads // key_pages.shape[2]
+        head_size = key_pages.shape[3]
+        scale = inv_sqrt(f32(head_size))
+        qo = t * q.shape[1]
         for h in prange(n_heads):
-            _head_weights(att[h], q, key_cache, pos, h, n_heads, scale)
-            _weighted_sums(out, att, value_cache, pos + 1, h, h + 1, n_heads)
+            _head_weights(att, h * row, q, qo + h * head_size, key_pages, l, block_table, seq, pos, h // kv_mul, scale)
+            _weighted_sums(out, t, att, 0, row, value_pages, l, block_table, seq, pos + 1, h, h + 1, kv_mul)
     else:
-        for h in range(n_heads):
-            _head_weights(att[h], q, key_cache, pos, h, n_heads, scale)
-        _weighted_sums(out, att, value_cache, pos + 1, 0, n_heads, n_heads)
+        _attend(out, q, t, key_pages, value_pages, l, block_table, seq, att, 0, row, pos, n_heads)
 
 
-@njit(**ENTRY)
-def rope_table(seq_len, head_size, ln_theta):
-    """cos/sin (seq_len, head_size/2) of llama2.c's RoPE angles as compiled: 1/powf(10000, d/hs)
-    becomes expf(-(d * (1/hs)) * ln_theta), ln_theta the float32 log of 10000 that gcc folds;
-    the angle is freq * pos; then libm's sincosf."""
+@njit(parallel=True, **JIT)
+def attention_rows(out, q, key_pages, value_pages, l, block_table, slots, positions, T, att, row, n_heads, parallel):
+    """attention() for rows t < T, each over its own sequence. One row: threads take heads. Many:
+    threads take rows, each with its own part of att, in the order 0, T-1, 1, T-2, ... so that
+    both threads get early (short) and late (long) positions of a prefill block alike."""
+    if T == 1 or not parallel:
+        for t in range(T):
+            attention(out, q, t, key_pages, value_pages, l, block_table, slots[t], att, row, positions[t], n_heads,
+                      parallel)
+    else:
+        for u in prange(T):
+            t = u // 2 if u % 2 == 0 else T - 1 - u // 2
+            ao = get_thread_id() * n_heads * row
+            _attend(out, q, t, key_pages, value_pages, l, block_table, slots[t], att, ao, row, positions[t], n_heads)
+
+
+@entry
+def rope_table(seq_len, head_size, ln_theta, scaling):
+    """cos/sin (seq_len, head_size/2) of the RoPE angles. The frequencies are llama2.c's as
+    compiled: 1/powf(theta, d/hs) becomes expf(-(d * (1/hs)) * ln_theta), ln_theta the float32 log
+    of theta that gcc folds; the angle is freq * pos; then libm's sincosf.
+
+    scaling (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings), all
+    zero for none: Llama 3.1's rescaling of each frequency by its wavelength, in float64 (Meta's
+    apply_scaling; transformers' _compute_llama3_parameters).
+    """
     cos = np.empty((seq_len, head_size // 2), np.float32)
     sin = np.empty((seq_len, head_size // 2), np.float32)
     inv_hs = f32(1.0) / f32(head_size)
+    factor, low, high, original = scaling
     for i in range(head_size // 2):
         freq = np.exp(-(f32(2 * i) * inv_hs) * ln_theta)
+        if factor > 0:
+            wavelen = 2 * np.pi / np.float64(freq)
+            if wavelen > original / low:  # long wavelengths: slowed down by the factor
+                freq = f32(np.float64(freq) / factor)
+            elif wavelen >= original / high:  # in between: a smooth ramp
+                smooth = (original / wavelen - low) / (high - low)
+                freq = f32((1 - smooth) * np.float64(freq) / factor + smooth * np.float64(freq))
         for pos in range(seq_len):
             val = freq * f32(pos)
             cos[pos, i] = np.cos(val)

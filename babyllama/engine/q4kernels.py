@@ -31,11 +31,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .ofast import _shuffle
-
-# qkernels.QJIT (not imported: qkernels imports this module): no fastmath, runq's float order;
-# not cached on their own: compiled into the forward that calls them (kernels.JIT says why)
-QJIT = dict(cache=False, nogil=True, error_model="numpy", fastmath=False)
+from ..simd.jit import JIT
+from ..simd.ofast import _shuffle
 
 _I8, _I32 = ir.IntType(8), ir.IntType(32)
 
@@ -73,43 +70,46 @@ def _sum4(builder, sums):
 
 
 @intrinsic
-def _scaled4_g64(typingctx, data, wbase, xq, scales, sbase, xs, g):
-    """Groups g..g+3 of 64 of one row: float32(exact int32 sum) * scales[sbase + g + k] * xs[g + k]
-    for k < 4, as a 4-tuple. The row's bytes for group g start at data[wbase]."""
+def _scaled4_g64(typingctx, data, wbase, xq, xbase, scales, sbase, xs, xsbase):
+    """Four groups of 64 of one row: float32(exact int32 sum) * scales[sbase + k] * xs[xsbase + k]
+    for k < 4, as a 4-tuple. The row's bytes of the first group start at data[wbase], its
+    activations at xq[xbase] (all flat offsets)."""
     ret = types.UniTuple(types.float32, 4)
 
     def codegen(context, builder, sig, args):
         vnni = all(f in context.codegen().magic_tuple()[2] for f in ("+avx512vnni", "+avx512bw"))
-        data_, wbase_, xq_, scales_, sbase_, xs_, g_ = args
+        data_, wbase_, xq_, xbase_, scales_, sbase_, xs_, xsbase_ = args
 
-        def ptr(aryty, ary, index, vecty):
-            base = context.make_array(aryty)(context, builder, ary).data
-            return builder.bitcast(builder.gep(base, [index]), vecty.as_pointer())
-
-        def const(value):
-            return ir.Constant(wbase_.type, value)
+        def plus(k, value):
+            return builder.add(context.cast(builder, args[k], sig.args[k], types.int64), ir.Constant(ir.IntType(64), value))
 
         v32, v64, v16 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 64), ir.VectorType(_I32, 16)
         zero, eights = ir.Constant(v16, None), ir.Constant(v64, [8] * 64)
         sums = []
         for k in range(4):
-            b = builder.load(ptr(sig.args[0], data_, builder.add(wbase_, const(32 * k)), v32), align=1)
-            x = builder.load(ptr(sig.args[2], xq_, builder.mul(builder.add(g_, const(k)), const(64)), v64), align=1)
+            b = builder.load(_ptr_at(context, builder, sig.args[0], data_, plus(1, 32 * k), v32), align=1)
+            x = builder.load(_ptr_at(context, builder, sig.args[2], xq_, plus(3, 64 * k), v64), align=1)
             nib = _shuffle(builder, builder.and_(b, ir.Constant(v32, [15] * 32)),
                            builder.lshr(b, ir.Constant(v32, [4] * 32)), range(64))  # values 0..31, 32..63
             sums.append(builder.sub(_dpbusd(builder, zero, nib, x, vnni), _dpbusd(builder, zero, eights, x, vnni)))
         # (float32(sum) * w_scale) * x_scale lane by lane: the same roundings as the scalar code
         vf = ir.VectorType(ir.FloatType(), 4)
         prod = builder.fmul(builder.sitofp(_sum4(builder, sums), vf),
-                            builder.load(ptr(sig.args[3], scales_, builder.add(sbase_, g_), vf), align=4))
-        prod = builder.fmul(prod, builder.load(ptr(sig.args[5], xs_, g_, vf), align=4))
+                            builder.load(_ptr_at(context, builder, sig.args[4], scales_, plus(5, 0), vf), align=4))
+        prod = builder.fmul(prod, builder.load(_ptr_at(context, builder, sig.args[6], xs_, plus(7, 0), vf), align=4))
         return context.make_tuple(builder, ret, [builder.extract_element(prod, ir.Constant(_I32, i)) for i in range(4)])
 
-    return ret(data, wbase, xq, scales, sbase, xs, g), codegen
+    return ret(data, wbase, xq, xbase, scales, sbase, xs, xsbase), codegen
 
 
-@njit(inline="always", **QJIT)
-def _group_q4(w, x, ob, ox, half):
+def _ptr_at(context, builder, aryty, ary, index, vecty):
+    """A vector pointer at element `index` (int64) of a flat array."""
+    base = context.make_array(aryty)(context, builder, ary).data
+    return builder.bitcast(builder.gep(base, [index]), vecty.as_pointer())
+
+
+@njit(inline="always", **JIT)
+def _group_q4(w, ob, x, ox, half):
     """Exact int32 sum over one int4 group: bytes w[ob:ob+half] against x[ox:ox+2*half].
 
     Byte j holds value j (low nibble) and value j + half (high nibble), each stored as q + 8.
@@ -123,17 +123,17 @@ def _group_q4(w, x, ob, ox, half):
     return acc
 
 
-@njit(inline="always", **QJIT)
-def row_q4(data, base, xq, xs, scales, sbase, gs):
+@njit(inline="always", **JIT)
+def row_q4(data, base, xq, xo, xs, xso, scales, so, n, gs):
     """One output of an int4 matmul: the row's packed bytes start at data[base], its scales at
-    scales[sbase]. Adds (exact int32 group sum) * w_scale * x_scale group after group."""
-    n = xq.shape[0]
+    scales[so], the activations at xq[xo] (values) and xs[xso] (scales); n columns. Adds (exact
+    int32 group sum) * w_scale * x_scale group after group."""
     ng = n // gs
     val = np.float32(0.0)
     done = 0
     if gs == 64:
         for g in range(0, ng - 3, 4):
-            p = _scaled4_g64(data, base + g * 32, xq, scales, sbase, xs, g)
+            p = _scaled4_g64(data, base + g * 32, xq, xo + g * 64, scales, so + g, xs, xso + g)
             val += p[0]
             val += p[1]
             val += p[2]
@@ -141,5 +141,5 @@ def row_q4(data, base, xq, xs, scales, sbase, gs):
         done = ng // 4 * 4
     half = gs // 2
     for g in range(done, ng):  # other group sizes, and the last ng % 4 groups of 64
-        val += np.float32(_group_q4(data, xq, base + g * half, g * gs, half)) * scales[sbase + g] * xs[g]
+        val += np.float32(_group_q4(data, base + g * half, xq, xo + g * gs, half)) * scales[so + g] * xs[xso + g]
     return val

@@ -32,7 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 # not cached on their own: compiled into the forward that calls them (kernels.JIT says why)
-OJIT = dict(cache=False, nogil=True, error_model="numpy", fastmath=False)
+from .jit import JIT as OJIT  # never cached on their own: compiled into the forward that calls them
 f32 = np.float32
 
 
@@ -223,54 +223,131 @@ def newton_recip(r, d):
 
 
 # ------------------------------------------------------------------------------------------------
-# Reductions in the vectorizer's order. Lane l of the 16-lane accumulator sums elements 16c + l.
+# Reductions in the vectorizer's order. Lane l of the 16-lane accumulator sums elements 16c + l;
+# the high half is then added onto the low half, one 8-lane step takes a remainder of >= 8, the
+# 8 lanes are folded (_fold), and the last < 8 elements are added one by one. One generator,
+# _tile_codegen, emits this for any R x C tile of dot products (R rows of a weight matrix times C
+# activation vectors): dot is 1 x 1, dot8 is 8 x 1, and the batched kernels use 8 x C. Every
+# element of a tile is the same operations on the same operands as `dot`, so batching never
+# changes a bit of the result.
 
 
 def _load_vec(builder, base, offset, vt):
     return builder.load(builder.bitcast(builder.gep(base, [offset]), vt.as_pointer()), align=4)
 
 
-def _reduce_ir(context, builder, pa, pb, n, init):
-    """gcc -Ofast's vectorized reduction of `s += a[i] * b[i]` (pb given: fused multiply-adds) or
-    `s += a[i]` (pb None, s starting at init): a 16-lane accumulator, its high half added onto its
-    low half, one 8-lane step for a remainder of >= 8, the fold (init joins after it), then
-    the last < 8 elements one by one. pa, pb: float pointers; n: int64; returns a float32 value."""
+def _shuffle(builder, a, b, mask):
+    """LLVM shufflevector of a and b: lane i of the result is lane mask[i] of a ++ b."""
+    mask = list(mask)
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(mask)), mask))
+
+
+def _splat(builder, value, width):
+    vt = ir.VectorType(value.type, width)
+    return _shuffle(builder, builder.insert_element(ir.Constant(vt, None), value, ir.Constant(_I32, 0)),
+                    ir.Constant(vt, None), [0] * width)
+
+
+def _fold(items, add):
+    """gcc's fold of 8 lanes: lanes i + 4 onto i, then (3 + 1) + (2 + 0). `items` are the 8 lanes
+    as scalars, or as vectors whose lane j holds that lane of the j-th of several sums."""
+    u = [add(items[i + 4], items[i]) for i in range(4)]
+    return add(add(u[3], u[1]), add(u[2], u[0]))
+
+
+def _fold_eight(builder, a):
+    """_fold of eight 8-lane accumulators at once: lane r of the result is _fold(lanes of a[r]).
+
+    The same additions of the same operands, but transposed: pairs of accumulators share vectors,
+    so each step of the tree is one vector add for several sums (addition commutes exactly).
+    """
+    # lanes i + 4 onto i: sums 2k and 2k + 1 share p[k] = [u_2k (4 lanes), u_2k+1 (4 lanes)]
+    p = [builder.fadd(_shuffle(builder, a[2 * k], a[2 * k + 1], [4, 5, 6, 7, 12, 13, 14, 15]),
+                      _shuffle(builder, a[2 * k], a[2 * k + 1], [0, 1, 2, 3, 8, 9, 10, 11])) for k in range(4)]
+    # u3 + u1 and u2 + u0: q[0] = sums [0 0 2 2 1 1 3 3], q[1] = sums [4 4 6 6 5 5 7 7]
+    q = [builder.fadd(_shuffle(builder, p[2 * k], p[2 * k + 1], [2, 3, 10, 11, 6, 7, 14, 15]),
+                      _shuffle(builder, p[2 * k], p[2 * k + 1], [0, 1, 8, 9, 4, 5, 12, 13])) for k in range(2)]
+    # (u3 + u1) + (u2 + u0): sums [0 2 4 6 1 3 5 7], then put in order
+    sums = builder.fadd(_shuffle(builder, q[0], q[1], [1, 3, 9, 11, 5, 7, 13, 15]),
+                        _shuffle(builder, q[0], q[1], [0, 2, 8, 10, 4, 6, 12, 14]))
+    return _shuffle(builder, sums, sums, [0, 4, 1, 5, 2, 6, 3, 7])
+
+
+def _tile_codegen(builder, rows, cols, n, init=None):
+    """The sums s[r][c] = init + sum_k rows[r][k] * cols[c][k] (cols None: s = init + sum_k rows[r][k])
+    in gcc -Ofast's order, for float pointers rows (R) and cols (C) and an int64 length n.
+
+    Returns (items, results): items lists the (r, c) pairs in r-fastest order, results holds one
+    value per group of up to 8 items: a float32 for a lone item, else an 8-lane vector whose lane
+    j is item 8g + j (lanes past the last item repeat it). init, a float32, joins after the fold.
+    """
     v16, v8 = ir.VectorType(_F32, 16), ir.VectorType(_F32, 8)
+    C = 1 if cols is None else len(cols)
+    items = [(r, c) for c in range(C) for r in range(len(rows))]
 
     def step(acc, vt, off):
-        x = _load_vec(builder, pa, off, vt)
-        if pb is None:
-            return builder.fadd(builder.load(acc), x)
-        return builder.call(_fma_fn(builder.module, vt), [x, _load_vec(builder, pb, off, vt), builder.load(acc)])
+        wv = [_load_vec(builder, p, off, vt) for p in rows]
+        if cols is None:
+            for (r, c), a in zip(items, acc):
+                builder.store(builder.fadd(builder.load(a), wv[r]), a)
+            return
+        xv = [_load_vec(builder, p, off, vt) for p in cols]
+        fma = _fma_fn(builder.module, vt)
+        for (r, c), a in zip(items, acc):
+            builder.store(builder.call(fma, [wv[r], xv[c], builder.load(a)]), a)
 
-    acc = cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16))
+    acc16 = [cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16)) for _ in items]
     n16 = builder.sdiv(n, ir.Constant(_I64, 16))
     with cgutils.for_range(builder, n16) as loop:
-        builder.store(step(acc, v16, builder.mul(loop.index, ir.Constant(_I64, 16))), acc)
-    lanes = builder.load(acc)
-    lo = builder.shuffle_vector(lanes, lanes, ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
-    hi = builder.shuffle_vector(lanes, lanes, ir.Constant(ir.VectorType(_I32, 8), list(range(8, 16))))
-    acc8 = cgutils.alloca_once_value(builder, builder.fadd(hi, lo))
+        step(acc16, v16, builder.mul(loop.index, ir.Constant(_I64, 16)))
+    acc8 = []
+    for a in acc16:  # high half onto low half
+        lanes = builder.load(a)
+        acc8.append(cgutils.alloca_once_value(builder, builder.fadd(_shuffle(builder, lanes, lanes, range(8, 16)),
+                                                                   _shuffle(builder, lanes, lanes, range(8)))))
     done = cgutils.alloca_once_value(builder, builder.mul(n16, ir.Constant(_I64, 16)))
     with builder.if_then(builder.icmp_signed(">=", builder.sub(n, builder.load(done)), ir.Constant(_I64, 8))):
-        off = builder.load(done)
-        builder.store(step(acc8, v8, off), acc8)
-        builder.store(builder.add(off, ir.Constant(_I64, 8)), done)
-    v = builder.load(acc8)
-    e = [builder.extract_element(v, ir.Constant(_I32, i)) for i in range(8)]
-    u = [builder.fadd(e[i + 4], e[i]) for i in range(4)]  # the fold: i + 4 onto i, 2+0 and 3+1, 1+0
-    folded = builder.fadd(builder.fadd(u[3], u[1]), builder.fadd(u[2], u[0]))
-    s = cgutils.alloca_once_value(builder, folded if init is None else builder.fadd(init, folded))
+        step(acc8, v8, builder.load(done))
+        builder.store(builder.add(builder.load(done), ir.Constant(_I64, 8)), done)
     start = builder.load(done)
-    with cgutils.for_range(builder, builder.sub(n, start)) as loop:
-        m = builder.add(start, loop.index)
-        x = builder.load(builder.gep(pa, [m]))
-        if pb is None:
-            builder.store(builder.fadd(builder.load(s), x), s)
-        else:
-            term = [x, builder.load(builder.gep(pb, [m])), builder.load(s)]
-            builder.store(builder.call(_fma_fn(builder.module, _F32), term), s)
-    return builder.load(s)
+    tail = builder.sub(n, start)
+
+    def element(ptr, m):
+        return builder.load(builder.gep(ptr, [m]))
+
+    results = []
+    for g in range(0, len(items), 8):
+        group = items[g : g + 8]
+        if len(items) == 1:  # a lone sum: fold its lanes as scalars, then the tail one by one
+            v = builder.load(acc8[0])
+            folded = _fold([builder.extract_element(v, ir.Constant(_I32, i)) for i in range(8)], builder.fadd)
+            s = cgutils.alloca_once_value(builder, folded if init is None else builder.fadd(init, folded))
+            with cgutils.for_range(builder, tail) as loop:
+                m = builder.add(start, loop.index)
+                if cols is None:
+                    builder.store(builder.fadd(builder.load(s), element(rows[0], m)), s)
+                else:
+                    builder.store(builder.call(_fma_fn(builder.module, _F32),
+                                               [element(rows[0], m), element(cols[0], m), builder.load(s)]), s)
+            results.append(builder.load(s))
+            continue
+        padded = group + [group[-1]] * (8 - len(group))
+        vecs = [builder.load(acc8[items.index(it)]) for it in padded]
+        folded = _fold_eight(builder, vecs)
+        s = cgutils.alloca_once_value(builder, folded if init is None else builder.fadd(_splat(builder, init, 8), folded))
+        with cgutils.for_range(builder, tail) as loop:  # the last < 8 elements, all lanes at once
+            m = builder.add(start, loop.index)
+            wv, xv = ir.Constant(v8, None), ir.Constant(v8, None)
+            for j, (r, c) in enumerate(padded):
+                wv = builder.insert_element(wv, element(rows[r], m), ir.Constant(_I32, j))
+                if cols is not None:
+                    xv = builder.insert_element(xv, element(cols[c], m), ir.Constant(_I32, j))
+            if cols is None:
+                builder.store(builder.fadd(builder.load(s), wv), s)
+            else:
+                builder.store(builder.call(_fma_fn(builder.module, v8), [wv, xv, builder.load(s)]), s)
+        results.append(builder.load(s))
+    return items, results
 
 
 def _is_f32_array(a):
@@ -282,10 +359,14 @@ def _data_at(context, builder, aryty, ary, offset, offty):
     return builder.gep(data, [context.cast(builder, offset, offty, types.int64)])
 
 
+def _i64(context, builder, value, ty):
+    return context.cast(builder, value, ty, types.int64)
+
+
 @intrinsic
 def dot(typingctx, a, ao, b, bo, n):
     """sum(a.flat[ao:ao+n] * b.flat[bo:bo+n]) in float32, as gcc -Ofast vectorizes `s += a[i] * b[i]`
-    (_reduce_ir). a, b: C-contiguous float32 arrays of any shape, addressed by flat offsets.
+    (_tile_codegen). a, b: C-contiguous float32 arrays of any shape, addressed by flat offsets.
 
     Written in LLVM IR with vector types because the order has to be exact and fast at once:
     Numba leaves LLVM's SLP vectorizer off, so scalar code would stay scalar, and the loop
@@ -298,84 +379,83 @@ def dot(typingctx, a, ao, b, bo, n):
         ty = signature.args
         pa = _data_at(context, builder, ty[0], args[0], args[1], ty[1])
         pb = _data_at(context, builder, ty[2], args[2], args[3], ty[3])
-        return _reduce_ir(context, builder, pa, pb, context.cast(builder, args[4], ty[4], types.int64), None)
+        _, (s,) = _tile_codegen(builder, [pa], [pb], _i64(context, builder, args[4], ty[4]))
+        return s
 
     return types.float32(a, ao, b, bo, n), codegen
 
 
-def _shuffle(builder, a, b, mask):
-    """LLVM shufflevector of a and b: lane i of the result is lane mask[i] of a ++ b."""
-    mask = list(mask)
-    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(mask)), mask))
-
-
 @intrinsic
-def dot8(typingctx, out, oo, w, wo, x, xo, n):
-    """out[oo + r] = dot(w, wo + r * n, x, xo, n) for the 8 rows r = 0..7 of a row-major matrix,
-    bit for bit, but the rows' reductions run side by side.
-
-    One row alone is a chain of dependent FMAs and then a fold of its 8 lanes, which is mostly
-    latency (stories260K's rows are 64 floats: four FMAs). Here the 8 rows' chains interleave, and
-    the fold runs transposed: pairs of rows share vectors, so each step of _reduce_ir's tree (i + 4
-    onto i, then 2 + 0 and 3 + 1, then 1 + 0) is one vector add for several rows at once. Every
-    row's sums are the same additions of the same operands (addition commutes exactly).
-    """
-    if not (_is_f32_array(out) and _is_f32_array(w) and _is_f32_array(x)):
+def vsum(typingctx, x, o, n, s):
+    """s + sum(x.flat[o:o+n]) as gcc -Ofast vectorizes `s += x[i]` (s joins after the fold)."""
+    if not (_is_f32_array(x) and s == types.float32):
         return None
 
     def codegen(context, builder, signature, args):
         ty = signature.args
-        po = _data_at(context, builder, ty[0], args[0], args[1], ty[1])
-        pw = _data_at(context, builder, ty[2], args[2], args[3], ty[3])
-        px = _data_at(context, builder, ty[4], args[4], args[5], ty[5])
-        n = context.cast(builder, args[6], ty[6], types.int64)
-        v16, v8 = ir.VectorType(_F32, 16), ir.VectorType(_F32, 8)
-        rows = [builder.gep(pw, [builder.mul(n, ir.Constant(_I64, r))]) for r in range(8)]
-        acc = [cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16)) for _ in range(8)]
-        fma16, fma8 = _fma_fn(builder.module, v16), _fma_fn(builder.module, v8)
-        n16 = builder.sdiv(n, ir.Constant(_I64, 16))
-        with cgutils.for_range(builder, n16) as loop:
-            off = builder.mul(loop.index, ir.Constant(_I64, 16))
-            xv = _load_vec(builder, px, off, v16)
-            for r in range(8):
-                builder.store(builder.call(fma16, [_load_vec(builder, rows[r], off, v16), xv, builder.load(acc[r])]), acc[r])
-        acc8 = []
-        for r in range(8):
-            lanes = builder.load(acc[r])
-            acc8.append(cgutils.alloca_once_value(builder, builder.fadd(_shuffle(builder, lanes, lanes, list(range(8, 16))),
-                                                                       _shuffle(builder, lanes, lanes, list(range(8))))))
-        done = cgutils.alloca_once_value(builder, builder.mul(n16, ir.Constant(_I64, 16)))
-        with builder.if_then(builder.icmp_signed(">=", builder.sub(n, builder.load(done)), ir.Constant(_I64, 8))):
-            off = builder.load(done)
-            xv = _load_vec(builder, px, off, v8)
-            for r in range(8):
-                builder.store(builder.call(fma8, [_load_vec(builder, rows[r], off, v8), xv, builder.load(acc8[r])]), acc8[r])
-            builder.store(builder.add(off, ir.Constant(_I64, 8)), done)
-        a = [builder.load(acc8[r]) for r in range(8)]
-        # lanes i + 4 onto i: rows 2k and 2k + 1 share p[k] = [u_2k (4 lanes), u_2k+1 (4 lanes)]
-        p = [builder.fadd(_shuffle(builder, a[2 * k], a[2 * k + 1], [0, 1, 2, 3, 8, 9, 10, 11]),
-                          _shuffle(builder, a[2 * k], a[2 * k + 1], [4, 5, 6, 7, 12, 13, 14, 15])) for k in range(4)]
-        # u0 + u2 and u1 + u3: q[0] = rows [0 0 2 2 1 1 3 3], q[1] = rows [4 4 6 6 5 5 7 7]
-        q = [builder.fadd(_shuffle(builder, p[2 * k], p[2 * k + 1], [0, 1, 8, 9, 4, 5, 12, 13]),
-                          _shuffle(builder, p[2 * k], p[2 * k + 1], [2, 3, 10, 11, 6, 7, 14, 15])) for k in range(2)]
-        # (u3 + u1) + (u2 + u0): rows [0 2 4 6 1 3 5 7], then put in order
-        sums = builder.fadd(_shuffle(builder, q[0], q[1], [1, 3, 9, 11, 5, 7, 13, 15]),
-                            _shuffle(builder, q[0], q[1], [0, 2, 8, 10, 4, 6, 12, 14]))
-        s = cgutils.alloca_once_value(builder, _shuffle(builder, sums, sums, [0, 4, 1, 5, 2, 6, 3, 7]))
-        start = builder.load(done)
-        with cgutils.for_range(builder, builder.sub(n, start)) as loop:  # the last < 8 columns
-            m = builder.add(start, loop.index)
-            wv = ir.Constant(v8, None)
-            for r in range(8):
-                wv = builder.insert_element(wv, builder.load(builder.gep(rows[r], [m])), ir.Constant(_I32, r))
-            xm = builder.load(builder.gep(px, [m]))
-            xs = _shuffle(builder, builder.insert_element(ir.Constant(v8, None), xm, ir.Constant(_I32, 0)),
-                          ir.Constant(v8, None), [0] * 8)
-            builder.store(builder.call(fma8, [wv, xs, builder.load(s)]), s)
-        builder.store(builder.load(s), builder.bitcast(po, v8.as_pointer()), align=4)
-        return context.get_dummy_value()
+        px = _data_at(context, builder, ty[0], args[0], args[1], ty[1])
+        _, (total,) = _tile_codegen(builder, [px], None, _i64(context, builder, args[2], ty[2]), init=args[3])
+        return total
 
-    return types.void(out, oo, w, wo, x, xo, n), codegen
+    return types.float32(x, o, n, s), codegen
+
+
+def _store_tile(builder, out, ostride, items, results):
+    """out[c * ostride + r] = the sum of item (r, c): a vector store where a group is 8 consecutive
+    rows of one column, else lane by lane."""
+    for g, res in enumerate(results):
+        group = items[8 * g : 8 * g + 8]
+        (r0, c0) = group[0]
+        if len(group) == 8 and all(it == (r0 + j, c0) for j, it in enumerate(group)):
+            ptr = builder.gep(out, [builder.add(builder.mul(ir.Constant(_I64, c0), ostride), ir.Constant(_I64, r0))])
+            builder.store(res, builder.bitcast(ptr, res.type.as_pointer()), align=4)
+            continue
+        for j, (r, c) in enumerate(group):
+            value = res if len(items) == 1 else builder.extract_element(res, ir.Constant(_I32, j))
+            offset = builder.add(builder.mul(ir.Constant(_I64, c), ostride), ir.Constant(_I64, r))
+            builder.store(value, builder.gep(out, [offset]))
+
+
+def dot_tile(R: int, C: int):
+    """An intrinsic tile(out, oo, ostride, w, wo, wstride, x, xo, xstride, n) computing
+    out[oo + c * ostride + r] = dot(w, wo + r * wstride, x, xo + c * xstride, n) for r < R, c < C,
+    each bit for bit `dot`'s result, with the R x C sums' chains side by side in registers: each
+    loaded row vector serves C activation vectors, each activation vector R rows."""
+
+    @intrinsic
+    def tile(typingctx, out, oo, ostride, w, wo, wstride, x, xo, xstride, n):
+        if not (_is_f32_array(out) and _is_f32_array(w) and _is_f32_array(x)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            ty = signature.args
+            po = _data_at(context, builder, ty[0], args[0], args[1], ty[1])
+            pw = _data_at(context, builder, ty[3], args[3], args[4], ty[4])
+            px = _data_at(context, builder, ty[6], args[6], args[7], ty[7])
+            ostride_, wstride_, xstride_, n_ = (_i64(context, builder, args[i], ty[i]) for i in (2, 5, 8, 9))
+            rows = [builder.gep(pw, [builder.mul(wstride_, ir.Constant(_I64, r))]) for r in range(R)]
+            cols = [builder.gep(px, [builder.mul(xstride_, ir.Constant(_I64, c))]) for c in range(C)]
+            items, results = _tile_codegen(builder, rows, cols, n_)
+            _store_tile(builder, po, ostride_, items, results)
+            return context.get_dummy_value()
+
+        return types.void(out, oo, ostride, w, wo, wstride, x, xo, xstride, n), codegen
+
+    return tile
+
+
+_dot8_tile = dot_tile(8, 1)
+
+
+@njit(inline="always", **OJIT)
+def dot8(out, oo, w, wo, x, xo, n):
+    """out[oo + r] = dot(w, wo + r * n, x, xo, n) for the 8 rows r = 0..7 of a row-major matrix,
+    bit for bit, but the rows' reductions run side by side (dot_tile(8, 1)).
+
+    One row alone is a chain of dependent FMAs and then a fold of its 8 lanes, which is mostly
+    latency (stories260K's rows are 64 floats: four FMAs). Here the 8 rows' chains interleave and
+    the folds run transposed (_fold_eight)."""
+    _dot8_tile(out, oo, 0, w, wo, n, x, xo, 0, n)
 
 
 @intrinsic
@@ -384,7 +464,7 @@ def dot16_columns(typingctx, out, oo, q, qo, k, ko, d, stride, scale):
     (d, stride) row-major block at k[ko:], each dot bit for bit ofast.dot's. Attention's scores:
     the block is a tile of 16 positions' keys (head_size, 16), a column one position's key.
 
-    Vectors run across the 16 positions, so each of _reduce_ir's 16 lanes is a register holding
+    Vectors run across the 16 positions, so each of the reduction's 16 lanes is a register holding
     that lane for all 16 positions: the same operations in the same order per position, and every
     step one vector instruction, where a loop over positions per lane kept its partial sums in memory.
     """
@@ -396,17 +476,14 @@ def dot16_columns(typingctx, out, oo, q, qo, k, ko, d, stride, scale):
         po = _data_at(context, builder, ty[0], args[0], args[1], ty[1])
         pq = _data_at(context, builder, ty[2], args[2], args[3], ty[3])
         pk = _data_at(context, builder, ty[4], args[4], args[5], ty[5])
-        d, stride = (context.cast(builder, args[i], ty[i], types.int64) for i in (6, 7))
+        d, stride = (_i64(context, builder, args[i], ty[i]) for i in (6, 7))
         v16 = ir.VectorType(_F32, 16)
         fma16 = _fma_fn(builder.module, v16)
 
-        def splat(value):
-            return _shuffle(builder, builder.insert_element(ir.Constant(v16, None), value, ir.Constant(_I32, 0)),
-                            ir.Constant(v16, None), [0] * 16)
-
         def step(acc, dim):  # acc = fma(q[dim], k[dim, 0:16], acc)
             row = _load_vec(builder, pk, builder.mul(dim, stride), v16)
-            builder.store(builder.call(fma16, [splat(builder.load(builder.gep(pq, [dim]))), row, builder.load(acc)]), acc)
+            builder.store(builder.call(fma16, [_splat(builder, builder.load(builder.gep(pq, [dim])), 16), row,
+                                               builder.load(acc)]), acc)
 
         lanes = [cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16)) for _ in range(16)]
         n16 = builder.sdiv(d, ir.Constant(_I64, 16))
@@ -421,31 +498,15 @@ def dot16_columns(typingctx, out, oo, q, qo, k, ko, d, stride, scale):
             for lane in range(8):
                 step(e[lane], builder.add(builder.load(done), ir.Constant(_I64, lane)))
             builder.store(builder.add(builder.load(done), ir.Constant(_I64, 8)), done)
-        v = [builder.load(x) for x in e]
-        u = [builder.fadd(v[i + 4], v[i]) for i in range(4)]  # the fold: i + 4 onto i, 2+0 and 3+1, 1+0
-        s = cgutils.alloca_once_value(builder, builder.fadd(builder.fadd(u[3], u[1]), builder.fadd(u[2], u[0])))
+        s = cgutils.alloca_once_value(builder, _fold([builder.load(x) for x in e], builder.fadd))
         start = builder.load(done)
         with cgutils.for_range(builder, builder.sub(d, start)) as loop:  # the last < 8 dims
             step(s, builder.add(start, loop.index))
-        result = builder.fmul(builder.load(s), splat(args[8]))
+        result = builder.fmul(builder.load(s), _splat(builder, args[8], 16))
         builder.store(result, builder.bitcast(po, v16.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return types.void(out, oo, q, qo, k, ko, d, stride, scale), codegen
-
-
-@intrinsic
-def vsum(typingctx, x, o, n, s):
-    """s + sum(x.flat[o:o+n]) as gcc -Ofast vectorizes `s += x[i]` (s joins after the fold)."""
-    if not (_is_f32_array(x) and s == types.float32):
-        return None
-
-    def codegen(context, builder, signature, args):
-        ty = signature.args
-        px = _data_at(context, builder, ty[0], args[0], args[1], ty[1])
-        return _reduce_ir(context, builder, px, None, context.cast(builder, args[2], ty[2], types.int64), args[3])
-
-    return types.float32(x, o, n, s), codegen
 
 
 def _vmax(builder, a, b):
@@ -485,10 +546,12 @@ def vmax(typingctx, x, o, n):
 
 
 @intrinsic
-def fma_chains(typingctx, out, oo, w, wo, v, vo, vstride, n):
-    """For k = 0..3: out[oo[k] : oo[k] + 8] = sum over t < n of w[wo[k] + t] * v[vo[k] + t * vstride
-    : ... + 8], each element one chain of fused multiply-adds in t order, starting from zero (run.c's
-    `xb[i] += a * v[i]` over positions, as -Ofast compiles it). Flat offsets into C-contiguous arrays.
+def fma_chains(typingctx, out, oo, w, wo, v, vo, vstride, n, pages, po, page_stride):
+    """For k = 0..3: out[oo[k] : oo[k] + 8] = sum over t < n of w[wo[k] + t] * (8 floats of v at
+    vo[k] + pages.flat[po + t // 16] * page_stride + (t % 16) * vstride), each element one chain of
+    fused multiply-adds in t order, starting from zero (run.c's `xb[i] += a * v[i]` over positions,
+    as -Ofast compiles it). v is a paged cache: position t lives in page pages[po + t // 16], row
+    t % 16. Flat offsets into C-contiguous arrays.
 
     Four 8-lane chains advance together: one chain alone waits on its FMA's latency every step,
     and a small head (stories260K: 8 dims) has just one.
@@ -497,6 +560,8 @@ def fma_chains(typingctx, out, oo, w, wo, v, vo, vstride, n):
         return None
     if not all(isinstance(t, types.UniTuple) and t.count == 4 for t in (oo, wo, vo)):
         return None
+    if not (isinstance(pages, types.Array) and pages.dtype == types.int32):
+        return None
 
     def codegen(context, builder, signature, args):
         ty = signature.args
@@ -504,59 +569,72 @@ def fma_chains(typingctx, out, oo, w, wo, v, vo, vstride, n):
         offsets = [[context.cast(builder, builder.extract_value(args[a], k), ty[a].dtype, types.int64) for k in range(4)]
                    for a in (1, 3, 5)]
         data = [context.make_array(ty[a])(context, builder, args[a]).data for a in (0, 2, 4)]
-        stride = context.cast(builder, args[6], ty[6], types.int64)
-        n = context.cast(builder, args[7], ty[7], types.int64)
+        stride = _i64(context, builder, args[6], ty[6])
+        n = _i64(context, builder, args[7], ty[7])
+        page_data = _data_at(context, builder, ty[8], args[8], args[9], ty[9])
+        page_stride = _i64(context, builder, args[10], ty[10])
         accs = [cgutils.alloca_once_value(builder, ir.Constant(v8, [0.0] * 8)) for _ in range(4)]
         fma8 = _fma_fn(builder.module, v8)
-        splat = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
-        with cgutils.for_range(builder, n) as loop:
-            t = loop.index
-            for k in range(4):
-                a = builder.load(builder.gep(data[1], [builder.add(offsets[1][k], t)]))
-                a8 = builder.shuffle_vector(builder.insert_element(ir.Constant(v8, None), a, ir.Constant(_I32, 0)),
-                                            ir.Constant(v8, None), splat)
-                vk = _load_vec(builder, data[2], builder.add(offsets[2][k], builder.mul(t, stride)), v8)
-                builder.store(builder.call(fma8, [a8, vk, builder.load(accs[k])]), accs[k])
+        sixteen = ir.Constant(_I64, 16)
+        blocks = builder.sdiv(builder.add(n, ir.Constant(_I64, 15)), sixteen)
+        with cgutils.for_range(builder, blocks) as block:  # page by page, then position by position
+            b = block.index
+            page = builder.sext(builder.load(builder.gep(page_data, [b])), _I64)
+            base = builder.mul(page, page_stride)
+            t0 = builder.mul(b, sixteen)
+            count = builder.select(builder.icmp_signed("<", builder.sub(n, t0), sixteen), builder.sub(n, t0), sixteen)
+            vbase = [builder.add(offsets[2][k], base) for k in range(4)]
+            wbase = [builder.add(offsets[1][k], t0) for k in range(4)]
+            with cgutils.for_range(builder, count) as loop:
+                j = loop.index
+                row = builder.mul(j, stride)
+                for k in range(4):
+                    a8 = _splat(builder, builder.load(builder.gep(data[1], [builder.add(wbase[k], j)])), 8)
+                    vk = _load_vec(builder, data[2], builder.add(vbase[k], row), v8)
+                    builder.store(builder.call(fma8, [a8, vk, builder.load(accs[k])]), accs[k])
         for k in range(4):
             ptr = builder.bitcast(builder.gep(data[0], [offsets[0][k]]), v8.as_pointer())
             builder.store(builder.load(accs[k]), ptr, align=4)
         return context.get_dummy_value()
 
-    return types.void(out, oo, w, wo, v, vo, vstride, n), codegen
+    return types.void(out, oo, w, wo, v, vo, vstride, n, pages, po, page_stride), codegen
 
 
 @njit(inline="always", **OJIT)
-def vexp_shifted(x, o, n, m):
-    """x[o:o+n] = expf(x - m), each element through the implementation its position gets:
+def vexp_shifted(x, n, m):
+    """x[:n] = expf(x - m), each element through the implementation its position gets:
     libmvec's 16-lane expf for whole blocks of 16, the 8-lane one for a block of 8, libm's after."""
-    for j in range(o, o + n):
+    for j in range(n):
         x[j] = x[j] - m
     n16 = n // 16
     for c in range(n16):
-        exp16(x, o + 16 * c)
-    j = o + 16 * n16
-    if o + n - j >= 8:
+        exp16(x, 16 * c)
+    j = 16 * n16
+    if n - j >= 8:
         exp8(x, j)
         j += 8
-    for k in range(j, o + n):
+    for k in range(j, n):
         x[k] = np.exp(x[k])
 
 
 @njit(inline="always", **OJIT)
-def softmax(x, n, peel_first):
-    """In-place softmax of x[:n] (run.c's: max, expf(x - max) and their sum, then x * (1 / sum)).
+def softmax(x, o, n, peel_first):
+    """In-place softmax of x[o:o+n], x 1-D (run.c's: max, expf(x - max) and their sum, then x * (1 / sum)).
 
     peel_first: gcc peels element 0 off the exp loop in the attention softmax it inlines into
     forward() (scalar expf, the vector loop starts at 1), not in the sampler's.
     """
-    m = vmax(x, 0, n)
+    # Views whose indices start at 0: with a runtime offset in the index, Numba's check for
+    # negative indices stays in the loops and keeps them from vectorizing (2x slower here).
+    v = x[o : o + n]
+    m = vmax(v, 0, n)
     if peel_first:
-        x[0] = np.exp(x[0] - m)
-        vexp_shifted(x, 1, n - 1, m)
-        total = vsum(x, 1, n - 1, x[0])
+        v[0] = np.exp(v[0] - m)
+        vexp_shifted(v[1:], n - 1, m)
+        total = vsum(v, 1, n - 1, v[0])
     else:
-        vexp_shifted(x, 0, n, m)
-        total = vsum(x, 0, n, f32(0.0))
+        vexp_shifted(v, n, m)
+        total = vsum(v, 0, n, f32(0.0))
     inv = f32(1.0) / total
     for i in range(n):
-        x[i] *= inv
+        v[i] *= inv

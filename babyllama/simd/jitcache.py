@@ -1,11 +1,11 @@
-"""Keep Numba's on-disk cache of compiled kernels consistent with the sources it was built from.
+"""Keep babyllama's on-disk machine code consistent with the sources it was built from.
 
 Numba checks a cached function against its own source file only. But the machine code cached for
-`fp32.forward` also contains every kernel it calls: after an upgrade, or an edit, that changes
-kernels.py and leaves fp32.py alone, Numba would load a forward built from the old kernels (wrong
-numbers, or a crash when a buffer changed shape). So one digest covers every source that compiled
-code comes from; when it differs from the one stored beside the cache, all of babyllama's cache
-entries are dropped, once, and the next call recompiles.
+the forward also contains every kernel it calls: after an upgrade, or an edit, that changes a
+kernel and leaves the forward's file alone, Numba would load a forward built from the old kernels
+(wrong numbers, or a crash when a buffer changed shape). So one digest covers every source that
+compiled code comes from; when it differs from the one stored beside the cache, all of
+babyllama's cache entries are dropped, once, and the next call recompiles.
 """
 
 from __future__ import annotations
@@ -16,28 +16,34 @@ from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 STAMP = "babyllama-sources.sha256"
+# every module whose code is compiled into a cached entry point
+COMPILED_SOURCES = ("simd/*.py", "engine/*.py", "sampling.py")
 _checked = False
 
 
 def sources_digest() -> str:
-    """sha256 over the engine's modules and the sampler: every source the cached functions'
-    machine code is compiled from (their kernels included)."""
-    files = sorted((_PACKAGE / "engine").glob("*.py")) + [_PACKAGE / "sampler.py"]
+    """sha256 over every source the cached functions' machine code is compiled from."""
+    files = sorted(p for pattern in COMPILED_SOURCES for p in _PACKAGE.glob(pattern))
     h = hashlib.sha256()
     for path in files:
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
+        h.update(str(path.relative_to(_PACKAGE)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
+
+
+def compiled_modules() -> list:
+    from .. import sampling
+    from ..engine import kernels, llama, q4kernels, qkernels
+    from . import ofast
+
+    return [ofast, kernels, qkernels, q4kernels, llama, sampling]
 
 
 def cached_functions() -> list:
     """babyllama's Numba functions that keep machine code on disk."""
     from numba.core.dispatcher import Dispatcher
 
-    from .. import sampler
-    from . import fp32, kernels, ofast, q4kernels, qkernels, quant
-
     found = []
-    for module in (fp32, kernels, ofast, q4kernels, qkernels, quant, sampler):
+    for module in compiled_modules():
         for obj in vars(module).values():
             if isinstance(obj, Dispatcher) and hasattr(obj._cache, "_cache_file") and obj not in found:
                 found.append(obj)
@@ -82,5 +88,16 @@ def ensure_fresh() -> None:
     _checked = True
     try:
         sync(cached_functions(), sources_digest())
-    except (OSError, AttributeError):  # a read-only install, or Numba's cache internals moved
+    except (OSError, AttributeError):  # an unwritable cache, or Numba's cache internals moved
         pass
+
+
+def compiles_on_first_call(dispatcher) -> bool:
+    """True when a Numba function has no machine code yet, in memory or in its on-disk cache, so
+    its first call compiles (the engine's forward: tens of seconds, once per install)."""
+    if dispatcher.overloads:
+        return False
+    try:
+        return not os.path.exists(dispatcher._cache._cache_file._index_path)
+    except AttributeError:  # Numba's cache internals moved: say nothing rather than guess
+        return False

@@ -1,8 +1,7 @@
-"""tokenizer.bin: llama2.c's BPE tokenizer (encode by merge score, byte fallback) and streaming decode.
+"""tokenizer.bin's vocabulary: llama2.c's BPE tokenizer (encode by merge score, byte fallback).
 
-File format (little-endian): int32 max_token_length, then for every token: float32 score,
-int32 byte length, the raw bytes (no terminator). The token count is not stored: it is the
-model's vocab_size, so a tokenizer can only be loaded for a given model. Pieces are stored with
+The file (formats/llama2c.py reads and writes it) stores no token count: that is the model's
+vocab_size, so a tokenizer can only be loaded for a given model. Pieces are stored with
 sentencepiece's "▁" already turned into a space; ids 0/1/2 are <unk>, <s> (BOS), </s> (EOS) and
 ids 3..258 are the byte-fallback tokens, written as the text "<0xNN>".
 
@@ -13,23 +12,20 @@ safe_printf(), except that byte tokens are assembled into UTF-8 text instead of 
 
 from __future__ import annotations
 
-import codecs
 import heapq
 import re
-import struct
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
-from .errors import TokenizerError
+from ..errors import TokenizerError
+from ..formats.llama2c import read_tokenizer_bin, write_tokenizer_bin
+from .base import Tokenizer
+from .chat import LLAMA2
 
 BOS_ID = 1
 EOS_ID = 2
 BYTE_OFFSET = 3  # byte b is token b + 3 (after <unk>, <s>, </s>)
-
-_HEADER = struct.Struct("<i")  # max_token_length
-_RECORD = struct.Struct("<fi")  # score, byte length
 
 # run.c's merge loop starts from best_score = -1e10, so a pair whose merged token scores at or
 # below that never merges. -1e10 is exactly representable as a float32.
@@ -55,18 +51,29 @@ def _printable(piece: bytes) -> bytes:
     return piece
 
 
-class Tokenizer:
+def utf8_bytes(text: str) -> bytes:
+    """text as UTF-8, with the bytes Python could not decode (surrogateescape) restored."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"cannot encode the text: {e.reason} at character {e.start}") from None
+
+
+class Llama2cTokenizer(Tokenizer):
     """A llama2.c vocabulary: pieces (bytes), their merge scores, and encode/decode.
 
     Attributes: vocab (list of bytes), scores (float32 array), vocab_size, max_token_length,
-    bos_id (1), eos_id (2), path (the file it was loaded from, or None).
+    bos_id (1), eos_ids ((2,): ends a chat reply), stop_ids ((1,): run.c's generate loop stops
+    when BOS is sampled), chat_template (Llama 2's, as run.c renders it), path.
     """
 
     bos_id = BOS_ID
-    eos_id = EOS_ID
+    eos_ids = (EOS_ID,)
+    stop_ids = (BOS_ID,)
+    chat_template = LLAMA2
 
     def __init__(self, vocab: list[bytes], scores, max_token_length: int | None = None, path=None):
-        """Build a tokenizer from its pieces and scores (Tokenizer.load reads them from a file)."""
+        """Build a tokenizer from its pieces and scores (load reads them from a file)."""
         if len(vocab) != len(scores):
             raise TokenizerError(f"expected one score per token, got {len(vocab)} tokens and {len(scores)} scores")
         self.vocab = [bytes(p) for p in vocab]
@@ -93,55 +100,18 @@ class Tokenizer:
     # ------------------------------------------------------------------ loading / saving
 
     @classmethod
-    def load(cls, path, vocab_size: int) -> "Tokenizer":
+    def load(cls, path, vocab_size: int) -> "Llama2cTokenizer":
         """Read a llama2.c tokenizer.bin holding exactly `vocab_size` tokens (the model's vocab_size).
 
         Raises TokenizerError when the file is missing, malformed, or holds a different number of
         tokens than the model expects (the message names both counts).
         """
-        path = Path(path)
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size <= 0:
-            raise TokenizerError(f"vocab_size must be a positive integer, got {vocab_size!r}")
-        vocab_size = int(vocab_size)
-        if path.is_dir():
-            raise TokenizerError(f"tokenizer {path} is a directory, expected a tokenizer.bin file")
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise TokenizerError(f"tokenizer file {path} not found") from None
-        except OSError as e:
-            raise TokenizerError(f"cannot read tokenizer {path}: {e.strerror or e}") from None
-        if len(data) < _HEADER.size:
-            raise TokenizerError(
-                f"tokenizer {path} is too short: expected a 4-byte header (max_token_length), found {len(data)} bytes"
-            )
-        (max_len,) = _HEADER.unpack_from(data, 0)
-        if max_len <= 0:
-            raise TokenizerError(f"tokenizer {path}: expected a positive max_token_length, found {max_len}")
+        pieces, scores, max_len = read_tokenizer_bin(path, vocab_size)
+        return cls(pieces, scores, max_len, path=Path(path))
 
-        vocab, scores, problem = _parse_records(data, _HEADER.size, max_len)
-        found = len(vocab)
-        if found == vocab_size and problem is None:
-            return cls(vocab, scores, max_len, path=path)
-
-        # Everything below is a mismatch between the file and the model (or a corrupt file).
-        where = f"tokenizer {path} does not fit the model: expected {vocab_size} tokens"
-        if problem is None:
-            raise TokenizerError(f"{where}, the file holds {found}")
-        if found < vocab_size:
-            raise TokenizerError(f"{where}, the file holds {found} readable tokens, then token {found} {problem}")
-        raise TokenizerError(
-            f"{where}, the file holds at least {found} tokens, then token {found} {problem}"
-        )
-
-    def save(self, path) -> None:
-        """Write this vocabulary as a llama2.c tokenizer.bin."""
-        path = Path(path)
-        with open(path, "wb") as f:
-            f.write(_HEADER.pack(self.max_token_length))
-            for piece, score in zip(self.vocab, self.scores):
-                f.write(_RECORD.pack(float(score), len(piece)))
-                f.write(piece)
+    def save(self, path, inputs=()) -> None:
+        """Write this vocabulary as a llama2.c tokenizer.bin (atomically)."""
+        write_tokenizer_bin(path, self.vocab, self.scores, self.max_token_length, inputs)
 
     # ------------------------------------------------------------------ encoding
 
@@ -152,9 +122,11 @@ class Tokenizer:
         code point as its own token (or, when it is not in the vocabulary, one byte token per
         byte), then greedy merging: repeatedly replace the adjacent pair whose concatenation is
         the highest-scoring vocabulary piece (leftmost on ties) until no pair merges.
-        `text` may also be bytes (not necessarily valid UTF-8), split the same way run.c does.
+        `text` may also be bytes (not necessarily valid UTF-8), split the same way run.c does; so
+        may a str holding undecodable bytes as lone surrogates (how Python passes on a command
+        line or file that is not UTF-8): those are the original bytes again.
         """
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        data = utf8_bytes(text) if isinstance(text, str) else bytes(text)
         ids = [BOS_ID] if bos else []
         if data:
             ids.append(self._dummy_prefix_id())
@@ -258,17 +230,13 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ decoding
 
-    def _check_id(self, token: int) -> None:
-        if not 0 <= token < self.vocab_size:
-            raise TokenizerError(f"token id {token} is out of range: expected 0..{self.vocab_size - 1}")
-
     def decode_piece(self, prev_token: int, token: int) -> bytes:
         """The bytes run.c's decode() gives for `token` following `prev_token`.
 
         After BOS a leading space of the piece is dropped (sentencepiece's dummy prefix), and a
         byte token "<0xNN>" is the single raw byte NN.
         """
-        self._check_id(token)
+        self.check_id(token)
         piece = self.vocab[token]
         if prev_token == BOS_ID and piece[:1] == b" ":
             piece = piece[1:]
@@ -278,12 +246,9 @@ class Tokenizer:
                 piece = bytes([int(m.group(1), 16)])
         return piece
 
-    def stream(self) -> "StreamDecoder":
-        """A new StreamDecoder for printing tokens one at a time as run.c does."""
-        return StreamDecoder(self)
-
     def _tables(self) -> tuple[list[bytes], list[bytes]]:
-        """Per-token printable bytes (plain, and after BOS), built once and shared by decoders."""
+        """Per-token printable bytes (plain, and after BOS), built once and shared by decoders.
+        BOS and EOS print nothing (control tokens), so decode(encode(text)) == text."""
         if self._stream_tables is None:
             plain = [_printable(p) for p in self._decoded]
             after_bos = list(plain)
@@ -293,74 +258,25 @@ class Tokenizer:
             self._stream_tables = (plain, after_bos)
         return self._stream_tables
 
-    def decode(self, ids: Iterable[int], prev_token: int = -1) -> str:
+    def token_bytes(self, prev_token: int, token: int) -> bytes:
+        """What run.c's decode() + safe_printf() print for `token` after `prev_token`, except that
+        single bytes >= 0x80 are kept (the stream decoder assembles them into UTF-8)."""
+        plain, after_bos = self._tables()
+        return after_bos[token] if prev_token == BOS_ID else plain[token]
+
+    def decode(self, ids, prev_token: int = -1) -> str:
         """The text run.c would print for `ids` (after `prev_token`), as one string.
 
-        BOS and EOS in `ids` print nothing themselves (they are control tokens), but BOS still
-        makes the next piece drop its leading space, so decode(encode(text)) == text.
+        BOS and EOS in `ids` print nothing themselves, but BOS still makes the next piece drop its
+        leading space, so decode(encode(text)) == text.
         """
-        out = self.stream()
-        parts = []
-        prev = prev_token
+        ids = [int(t) for t in ids]
+        for t in ids:
+            self.check_id(t)
+        prev, out, parts = prev_token, self.stream(), []
         for token in ids:
-            token = int(token)
-            self._check_id(token)
             if token not in (BOS_ID, EOS_ID):
                 parts.append(out.feed(prev, token))
             prev = token
         parts.append(out.flush())
         return "".join(parts)
-
-
-class StreamDecoder:
-    """Turns tokens into text as they are generated, like run.c's decode() + safe_printf().
-
-    feed(prev_token, token) returns the text that is complete so far. Byte tokens that form one
-    UTF-8 character are assembled before anything is returned (an emoji split over four byte
-    tokens appears whole, on the fourth feed). Invalid UTF-8 becomes U+FFFD (the replacement
-    character) rather than disappearing silently. A piece that is a single ASCII byte which is
-    neither printable nor whitespace (e.g. <0x00>, <0x07>) prints nothing, as in run.c.
-    Call flush() at the end: it returns what is left (U+FFFD for an unfinished character).
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self._plain, self._after_bos = tokenizer._tables()
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-
-    def feed(self, prev_token: int, token: int) -> str:
-        """Text completed by printing `token` after `prev_token` (possibly empty)."""
-        piece = self._after_bos[token] if prev_token == BOS_ID else self._plain[token]
-        return self._utf8.decode(piece) if piece else ""
-
-    def flush(self) -> str:
-        """Whatever is still buffered (an incomplete character becomes U+FFFD); resets the decoder."""
-        text = self._utf8.decode(b"", final=True)
-        self._utf8.reset()
-        return text
-
-
-def _parse_records(data: bytes, offset: int, max_len: int) -> tuple[list[bytes], list[float], str | None]:
-    """Parse token records until the end of `data`.
-
-    Returns the pieces and scores read, and None if the data ended exactly after a record,
-    else a description of why the next record does not parse.
-    """
-    vocab: list[bytes] = []
-    scores: list[float] = []
-    size = len(data)
-    unpack = _RECORD.unpack_from
-    while offset < size:
-        if size - offset < _RECORD.size:
-            return vocab, scores, f"is cut short: {size - offset} bytes left, a record needs at least 8"
-        score, length = unpack(data, offset)
-        offset += _RECORD.size
-        if length < 0:
-            return vocab, scores, f"has a negative byte length ({length})"
-        if length > max_len:
-            return vocab, scores, f"has byte length {length}, more than max_token_length {max_len}"
-        if length > size - offset:
-            return vocab, scores, f"is cut short: needs {length} bytes, {size - offset} left"
-        vocab.append(data[offset : offset + length])
-        scores.append(score)
-        offset += length
-    return vocab, scores, None

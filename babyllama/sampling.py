@@ -29,8 +29,9 @@ import time
 import numpy as np
 from numba import njit
 
-from .engine.ofast import softmax
 from .errors import GenerationError
+from .simd.jit import JIT, entry
+from .simd.ofast import softmax
 
 # ---------------------------------------------------------------------------- RNG
 # xorshift64* (Marsaglia 2003; Vigna 2016), as in run.c. All constants are typed uint64 so Numba
@@ -44,11 +45,11 @@ _MULT = np.uint64(0x2545F4914F6CDD1D)
 _TWO_POW_24 = np.float32(16777216.0)
 
 
-# Only what Python calls keeps machine code on disk (cache=True); the helpers are compiled into
-# `sample`, which then inlines them (a helper loaded from the cache would be called opaquely).
+# Only what Python calls keeps machine code on disk (simd.jit.entry); the helpers are compiled
+# into `sample`, which then inlines them (a helper loaded from the cache would be called opaquely).
 
 
-@njit(cache=True)
+@entry
 def random_u32(rng_state):
     """Advance the xorshift state (a uint64 array of length 1) and return the next uint32."""
     s = rng_state[0]
@@ -59,13 +60,13 @@ def random_u32(rng_state):
     return np.uint32((s * _MULT) >> _U32)
 
 
-@njit(cache=True)
+@entry
 def random_f32(rng_state):
     """A float32 uniform in [0, 1): the top 24 bits of random_u32 over 2**24."""
     return np.float32(np.uint64(random_u32(rng_state)) >> _U8) / _TWO_POW_24
 
 
-@njit(cache=True)
+@entry
 def advance_rng(rng_state, n):
     """Advance the xorshift state by n draws (discarding them)."""
     for _ in range(n):
@@ -75,7 +76,7 @@ def advance_rng(rng_state, n):
 # ---------------------------------------------------------------------------- run.c's pieces
 
 
-@njit(cache=False)
+@njit(**JIT)
 def sample_argmax(x):
     """Index of the first maximum of x."""
     best = 0
@@ -87,14 +88,14 @@ def sample_argmax(x):
     return best
 
 
-@njit(cache=False)
+@njit(**JIT)
 def softmax_inplace(x):
-    """x <- softmax(x) in float32, as run.c's softmax() runs when built -Ofast (engine/ofast.py):
+    """x <- softmax(x) in float32, as run.c's softmax() runs when built -Ofast (simd/ofast.py):
     max, expf(x - max) and their vectorized sum, then x * (1 / sum)."""
-    softmax(x, x.shape[0], False)
+    softmax(x, 0, x.shape[0], False)
 
 
-@njit(cache=False)
+@njit(**JIT)
 def sample_mult(probs, coin):
     """First index where the running sum of probs exceeds coin (the last index if none does)."""
     cdf = np.float32(0.0)
@@ -106,7 +107,7 @@ def sample_mult(probs, coin):
     return n - 1
 
 
-@njit(cache=False)
+@njit(**JIT)
 def _ranks_before(p, a, b):
     """True if index a comes before index b in descending-probability order (ties: lower index).
 
@@ -117,7 +118,7 @@ def _ranks_before(p, a, b):
     return p[a] > p[b] or (p[a] == p[b] and a < b)
 
 
-@njit(cache=False)
+@njit(**JIT)
 def _sift_down(p, heap, root, end, worst_on_top):
     """Restore the heap property of heap[root:end] below `root`.
 
@@ -146,7 +147,7 @@ def _sift_down(p, heap, root, end, worst_on_top):
         root = child
 
 
-@njit(cache=False)
+@njit(**JIT)
 def sample_topp(probs, topp, coin, scratch):
     """run.c's nucleus sampling; `scratch` is an integer array at least as long as probs.
 
@@ -194,7 +195,7 @@ def sample_topp(probs, topp, coin, scratch):
 # ---------------------------------------------------------------------------- extras
 
 
-@njit(cache=False)
+@njit(**JIT)
 def apply_repetition_penalty(logits, history, penalty, scratch):
     """CTRL repetition penalty, once per distinct token of history (ids outside the vocab ignored).
 
@@ -214,7 +215,7 @@ def apply_repetition_penalty(logits, history, penalty, scratch):
                 logits[t] *= penalty
 
 
-@njit(cache=False)
+@njit(**JIT)
 def _keep_top_k(probs, k, scratch):
     """Zero all but the k most likely entries of probs (ties: lower index first)."""
     n = probs.shape[0]
@@ -234,7 +235,7 @@ def _keep_top_k(probs, k, scratch):
             probs[i] = np.float32(0.0)
 
 
-@njit(cache=False)
+@njit(**JIT)
 def _keep_min_p(probs, minp):
     """Zero the entries below minp times the largest probability."""
     threshold = minp * probs[sample_argmax(probs)]
@@ -243,7 +244,7 @@ def _keep_min_p(probs, minp):
             probs[i] = np.float32(0.0)
 
 
-@njit(cache=False)
+@njit(**JIT)
 def _renormalize(probs):
     total = np.float32(0.0)
     for i in range(probs.shape[0]):
@@ -255,7 +256,7 @@ def _renormalize(probs):
 # ---------------------------------------------------------------------------- entry point
 
 
-@njit(cache=True)
+@entry
 def sample(logits, history, temperature, topp, topk, minp, repetition_penalty, rng_state, scratch):
     """Pick the next token id from `logits` (float32, modified in place).
 
@@ -360,6 +361,11 @@ class Sampler:
         self.rng_state = np.array([seed], dtype=np.uint64)
         self._scratch = np.empty(self.vocab_size, dtype=np.int64)
         self._no_history = np.empty(0, dtype=np.int64)
+
+    @property
+    def settings(self) -> tuple:
+        """Everything but the random state: two samplers with equal settings and states agree."""
+        return (self.vocab_size, self.temperature, self.topp, self.topk, self.minp, self.repetition_penalty)
 
     def __call__(self, logits: np.ndarray, history: np.ndarray | None = None) -> int:
         """The next token id. `logits` (float32, length vocab_size) is overwritten (with probabilities

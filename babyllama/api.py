@@ -19,6 +19,7 @@ from .engine import Engine
 from .errors import GenerationError, TokenizerError
 from .formats.llama2c import load_checkpoint
 from .generation import Chat, Piece, Sampling, Scheduler, pieces, resolve_steps, text_of
+from .generation.speculative import LookupDraft, ModelDraft, SpecStats, speculative_ids
 from .sampling import Sampler
 from .tokenizers import load_tokenizer
 
@@ -87,13 +88,38 @@ class Model:
 
     def pieces(self, prompt: str | bytes | Sequence[int] = "", steps: int = 256, temperature: float = 1.0,
                topp: float = 0.9, seed: int | None = None, topk: int = 0, minp: float = 0.0,
-               state=None) -> Iterator[Piece]:
-        """Yield every token after the first (forced prompt tokens, then samples) with its text."""
+               state=None, draft: "Model | None" = None, lookup: int = 0,
+               stats: SpecStats | None = None) -> Iterator[Piece]:
+        """Yield every token after the first (forced prompt tokens, then samples) with its text.
+
+        draft (a Model with the same vocabulary) or lookup (n-grams of up to `lookup` tokens of the
+        context) turns on speculative decoding: the same tokens, fewer passes over the weights;
+        `stats` (a SpecStats) collects drafted and accepted counts.
+        """
         cfg = self.config
         tokens = self.prompt_ids(prompt)
         steps = resolve_steps(steps, cfg.seq_len)
         sampler = Sampler(cfg.vocab_size, temperature=temperature, topp=topp, seed=seed, topk=topk, minp=minp)
-        return pieces(self.engine, self.tokenizer, tokens, steps, sampler, state)
+        drafter = self.drafter(draft, lookup)
+        ids = None
+        if drafter is not None:
+            ids = speculative_ids(self.engine, state or self.engine.new_state(), tokens, steps, sampler, drafter,
+                                  self.tokenizer.stop_ids, stats)
+        return pieces(self.engine, self.tokenizer, tokens, steps, sampler, state, ids=ids)
+
+    def drafter(self, draft: "Model | None" = None, lookup: int = 0):
+        """The speculative drafter for a draft model or an n-gram length, or None for neither."""
+        if draft is not None and lookup:
+            raise GenerationError("use a draft model or --lookup, not both")
+        if draft is not None:
+            if draft.tokenizer.vocab_size != self.tokenizer.vocab_size or \
+                    getattr(draft.tokenizer, "vocab", None) != getattr(self.tokenizer, "vocab", None):
+                raise GenerationError(f"the draft model's tokenizer differs from the target's ({draft.tokenizer.vocab_size} "
+                                      f"vs {self.tokenizer.vocab_size} tokens, or other pieces): drafts must share it")
+            return ModelDraft(draft.engine, self.config)
+        if lookup:
+            return LookupDraft(lookup)
+        return None
 
     def generate(self, prompt: str | bytes | Sequence[int] = "", steps: int = 256, temperature: float = 1.0,
                  topp: float = 0.9, seed: int | None = None, **kw) -> Iterator[str]:

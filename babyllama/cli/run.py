@@ -8,6 +8,7 @@ import sys
 import time
 
 from ..errors import BabyLlamaError
+from ..generation.speculative import SpecStats
 from . import OneLineParser, number
 
 
@@ -35,6 +36,15 @@ def run_parser() -> OneLineParser:
     p.add_argument("--threads", type=number(int, "--threads", 1), default=None,
                    help="worker threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and timings")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="many prompts at once, one per line: one JSON line per prompt, in order (prompt i uses seed -s + i)")
+    p.add_argument("--max-sequences", type=number(int, "--max-sequences", 1, 4096), default=32,
+                   help="with --prompts: sequences decoded together (default 32; the rest wait their turn)")
+    p.add_argument("--draft", metavar="MODEL",
+                   help="speculative decoding with this smaller model (same tokenizer): the same tokens, fewer passes")
+    p.add_argument("--lookup", type=number(int, "--lookup", 1), default=0, metavar="N",
+                   help="speculative decoding from the context itself: guess what followed its last n-gram "
+                        "(up to N tokens) before")
     p.add_argument("--reference", action="store_true",
                    help="run babyllama/reference.py, the plain-NumPy teaching forward (slow; float64-close, "
                         "not llama2.c's bits)")
@@ -67,6 +77,10 @@ def main(argv: list[str]) -> int:
     args = run_parser().parse_args(argv)
     if args.system is not None and args.mode != "chat":
         raise BabyLlamaError("-y (system prompt) applies to -m chat only; add -m chat or drop -y")
+    if args.prompts is not None and (args.prompt is not None or args.mode == "chat" or args.draft or args.lookup):
+        raise BabyLlamaError("--prompts runs its file's prompts; it does not combine with -i, -m chat, --draft or --lookup")
+    if args.draft and args.lookup:
+        raise BabyLlamaError("--draft and --lookup are two ways to draft: choose one")
     _check_utf8("-i", args.prompt)
     _check_utf8("-y", args.system)
     t_start = time.perf_counter()
@@ -82,6 +96,8 @@ def main(argv: list[str]) -> int:
         print("babyllama: compiling the engine for this machine (first run only, ~20-30 s)", file=sys.stderr)
     if args.mode == "chat":
         return _chat(model, args)
+    if args.prompts is not None:
+        return _batch(model, args)
     return _generate(model, args, t_start)
 
 
@@ -97,6 +113,8 @@ def _generate(model, args, t_start: float) -> int:
     if used < len(prompt):
         print(f"babyllama run: note: the prompt is {len(prompt)} tokens but -n {args.steps} runs {steps} positions: "
               f"only its first {used} tokens are used (as run.c does)", file=sys.stderr)
+    draft = _draft_model(model, args) if args.draft else None
+    stats = SpecStats() if draft is not None or args.lookup else None
     t_first = None
     tokens, text = [], []
     n_sampled = 0
@@ -104,7 +122,7 @@ def _generate(model, args, t_start: float) -> int:
     out = sys.stdout
     try:
         for piece in model.pieces(prompt, steps, args.temperature, args.topp, args.seed or None, args.topk,
-                                  args.minp):
+                                  args.minp, draft=draft, lookup=args.lookup, stats=stats):
             if piece.id >= 0:
                 tokens.append(piece.id)
             if not piece.forced and piece.id >= 0:
@@ -134,6 +152,9 @@ def _generate(model, args, t_start: float) -> int:
         }
         if used < len(prompt):
             result["prompt_tokens_dropped"] = len(prompt) - used
+        if stats is not None:
+            result.update(drafted_tokens=stats.drafted, accepted_tokens=stats.accepted,
+                          acceptance=round(stats.acceptance, 4), rounds=stats.rounds)
         if interrupted:
             result["interrupted"] = True
         print(json.dumps(result), flush=True)
@@ -142,6 +163,88 @@ def _generate(model, args, t_start: float) -> int:
     out.flush()
     if n_sampled > 1:
         print(f"achieved tok/s: {tok_s:f}", file=sys.stderr)
+    if stats is not None and stats.drafted:
+        print(f"speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted ({stats.acceptance:.0%}) "
+              f"in {stats.rounds} passes", file=sys.stderr)
+    return 0
+
+
+def _draft_model(model, args):
+    """The --draft model over the target's tokenizer; a tokenizer.bin beside the draft must be the same."""
+    from pathlib import Path
+
+    from ..api import Model
+    from ..engine import Engine
+    from ..errors import GenerationError
+    from ..formats.llama2c import load_checkpoint
+    from ..tokenizers import load_tokenizer
+
+    ck = load_checkpoint(args.draft)
+    if ck.config.vocab_size != model.config.vocab_size:
+        raise GenerationError(f"the draft model {args.draft} has a vocabulary of {ck.config.vocab_size} tokens, the target "
+                              f"{model.config.vocab_size}: a draft must share the target's tokenizer")
+    tokenizer = model.tokenizer
+    own = Path(args.draft).resolve().parent / "tokenizer.bin"
+    if own.is_file() and own.resolve() != Path(model.tokenizer.path).resolve():
+        try:
+            tokenizer = load_tokenizer(own, ck.config.vocab_size)
+        except BabyLlamaError:
+            pass  # not this model's tokenizer at all: use the target's
+    draft = Model(Engine.from_checkpoint(ck), tokenizer, Path(args.draft))
+    model.drafter(draft)  # refuses a draft whose tokenizer differs, before anything runs
+    return draft
+
+
+def _read_prompts(path: str) -> list[str]:
+    from ..fileio import regular_file_size
+
+    regular_file_size(path, BabyLlamaError, "prompts file")
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.decode("utf-8", "surrogateescape").splitlines()  # the bytes are encoded as they are
+    if not lines:
+        raise BabyLlamaError(f"{path}: no prompts (expected one prompt per line)")
+    return lines
+
+
+def _batch(model, args) -> int:
+    """--prompts: every prompt through the continuous-batching scheduler; JSON lines in input order
+    as soon as each prompt and the ones before it are done."""
+    from ..generation import Sampling, Scheduler, resolve_steps, text_of
+
+    prompts = _read_prompts(args.prompts)
+    cfg = model.config
+    steps = resolve_steps(args.steps, cfg.seq_len)
+    base = args.seed or int(time.time())
+    sched = Scheduler(model.engine, max_sequences=args.max_sequences)
+    seqs = []
+    for i, text in enumerate(prompts):
+        ids = model.encode(text)
+        if len(ids) > cfg.seq_len:
+            raise BabyLlamaError(f"{args.prompts}, line {i + 1}: the prompt is {len(ids)} tokens, longer than the "
+                                 f"model's context of {cfg.seq_len}")
+        seed = (base + i) % 2**64 or 1
+        sampling = Sampling(args.temperature, args.topp, seed, args.topk, args.minp)
+        seqs.append((sched.add(ids, steps, sampling, model.tokenizer.stop_ids), seed))
+    t0, printed, generated = time.perf_counter(), 0, 0
+    while printed < len(seqs):
+        if sched.busy:
+            generated += len(sched.step())
+        while printed < len(seqs) and seqs[printed][0].done:
+            seq, seed = seqs[printed]
+            print(json.dumps({
+                "index": printed,
+                "tokens": seq.all_tokens,
+                "text": text_of(model.tokenizer, seq.all_tokens, seq.finish_reason == "stop"),
+                "prompt_tokens": len(seq.prompt[: seq.steps + 1]),
+                "generated_tokens": len(seq.tokens),
+                "finish_reason": seq.finish_reason,
+                "seed": seed,
+            }), flush=True)
+            printed += 1
+    elapsed = time.perf_counter() - t0
+    print(f"achieved tok/s: {generated / elapsed if elapsed > 0 else 0.0:f} (all {len(seqs)} sequences together)",
+          file=sys.stderr)
     return 0
 
 

@@ -67,17 +67,19 @@ def text_of(tokenizer, tokens: Sequence[int], stopped: bool) -> str:
     return "".join(parts)
 
 
-def pieces(engine, tokenizer, prompt: Sequence[int], steps: int, sample, state=None) -> Iterator[Piece]:
+def pieces(engine, tokenizer, prompt: Sequence[int], steps: int, sample, state=None, ids=None) -> Iterator[Piece]:
     """Every token after the first (forced prompt tokens, then samples) with the text it prints.
 
     A sampled stop token ends the stream with whatever text is still buffered (run.c prints
     nothing for it); a last Piece with id -1 carries text left in the decoder at the step limit.
+    `ids`: the token stream to decode instead of generate_ids' (speculative decoding's, the same).
     """
     decoder = tokenizer.stream()
     stops = tokenizer.stop_ids
     prev = prompt[0]
-    state = state if state is not None else engine.new_state()
-    for i, token in enumerate(generate_ids(engine, state, prompt, steps, sample, stops)):
+    if ids is None:
+        ids = generate_ids(engine, state if state is not None else engine.new_state(), prompt, steps, sample, stops)
+    for i, token in enumerate(ids):
         forced = i < len(prompt) - 1
         if token in stops and not forced:
             yield Piece(token, decoder.flush(), False)

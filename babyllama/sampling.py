@@ -16,6 +16,10 @@ Extras, all off by default (and then the result is exactly run.c's):
   topk > 0               -> after softmax, keep only the k most likely tokens.
   After min-p/top-k the kept probabilities are renormalised, then top-p or multinomial runs on them.
 
+OpenAI's logits processing (LogitsProcessor: logit_bias, presence and frequency penalties) and
+log-probabilities (log_softmax, top_logprobs) are separate steps a caller runs on the logits before
+the sampler; a sequence that uses neither samples exactly as above.
+
 Everything per-token is a Numba function working on caller-owned scratch arrays, so the engine's
 own compiled loop can call `sample` directly; `Sampler` is the Python-facing wrapper. fastmath is
 off on purpose: it would let LLVM reorder the float32 sums and change which token is picked.
@@ -409,3 +413,64 @@ def _is_int(x) -> bool:
 
 def _is_real(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+# ---------------------------------------------------------------------------- OpenAI's extras
+# These run before the sampler, on one sequence's logits row, only for requests that ask for them
+# (the server's logit_bias, presence_penalty, frequency_penalty, logprobs); NumPy is enough here.
+
+
+class LogitsProcessor:
+    """OpenAI's logit_bias and presence/frequency penalties, applied to a logits row in place.
+
+    For each token j that was generated c[j] times so far (the completion only, not the prompt):
+    logit[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, then logit[j] += bias[j]
+    (OpenAI's formula, in float32). Bias values are OpenAI's range, [-100, 100].
+    """
+
+    def __init__(self, vocab_size: int, logit_bias: dict | None = None, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0):
+        bias = dict(logit_bias or {})
+        for token, value in bias.items():
+            _check_setting(_is_int(token) and 0 <= token < vocab_size, "a logit_bias token id",
+                           f"in [0, {vocab_size})", token)
+            _check_setting(_is_real(value) and -100 <= value <= 100, "a logit_bias value", "in [-100, 100]", value)
+        for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+            _check_setting(_is_real(value) and -2 <= value <= 2, name, "in [-2, 2]", value)
+        self.vocab_size = int(vocab_size)
+        self.bias_ids = np.array(sorted(bias), dtype=np.int64)
+        self.bias_values = np.array([bias[t] for t in sorted(bias)], dtype=np.float32)
+        self.presence = np.float32(presence_penalty)
+        self.frequency = np.float32(frequency_penalty)
+
+    @property
+    def active(self) -> bool:
+        """False when it would change nothing (no bias, no penalty)."""
+        return bool(self.bias_ids.size) or self.presence != 0 or self.frequency != 0
+
+    def __call__(self, logits: np.ndarray, generated) -> None:
+        """Adjust `logits` (float32, one row) for the tokens `generated` so far."""
+        if (self.presence != 0 or self.frequency != 0) and len(generated):
+            counts = np.bincount(np.asarray(generated, dtype=np.int64), minlength=self.vocab_size)
+            seen = np.flatnonzero(counts)
+            logits[seen] -= counts[seen].astype(np.float32) * self.frequency + self.presence
+        if self.bias_ids.size:
+            logits[self.bias_ids] += self.bias_values
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log(softmax(logits)) in float64 (a copy: the sampler then overwrites the row)."""
+    x = logits.astype(np.float64)
+    x -= x.max()
+    x -= math.log(np.exp(x).sum())
+    return x
+
+
+def top_logprobs(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely (token id, logprob) pairs, most likely first."""
+    if k <= 0:
+        return []
+    k = min(k, logprobs.shape[0])
+    best = np.argpartition(-logprobs, k - 1)[:k]
+    best = best[np.lexsort((best, -logprobs[best]))]
+    return [(int(i), float(logprobs[i])) for i in best]

@@ -6,6 +6,7 @@
         for event in sched.step():             # one forward call for every live sequence
             print(event.seq.id, event.token)
     sched.cancel(a)                            # any time; the others are not affected
+    sched.add(ids, 64, sampling, processor=LogitsProcessor(...), logprobs=5)  # OpenAI's extras, per sequence
 
 Each step is one engine call over a block of token rows: one row per sequence that is decoding,
 plus chunks of newcomers' prompts (chunked prefill) up to a budget of rows per step. Sequences join
@@ -13,6 +14,11 @@ when a slot and their pages are free and leave when they finish or are cancelled
 Every sequence has its own slot, positions, sampler and seed, and the engine gives each row the bits
 it gets alone, so a sequence's tokens are exactly what `generate_ids` (and `babyllama run`) gives it
 alone, whatever else runs, at any temperature.
+
+A sequence may also carry a `processor` (called on its logits row and its generated tokens before
+sampling: the server's logit_bias and penalties) and ask for `logprobs` (its events then carry the
+chosen token's log-probability under the processed logits, and the top alternatives). Without
+them nothing extra runs, and its tokens are still exactly `babyllama run`'s.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import GenerationError
-from ..sampling import Sampler
+from ..sampling import Sampler, log_softmax, top_logprobs
 from .loop import BOS, resolve_steps
 
 
@@ -52,6 +58,8 @@ class Sequence:
     steps: int  # positions, prompt included (run.c's -n)
     sampler: Sampler
     stop_ids: tuple
+    processor: object = None  # called as processor(logits_row, tokens) before sampling, or None
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the top k's
     tokens: list[int] = field(default_factory=list)  # sampled tokens (after the prompt)
     slot: int = -1
     prefilled: int = 0  # prompt tokens in the cache
@@ -75,6 +83,8 @@ class Event:
     seq: Sequence
     token: int
     finished: bool
+    logprob: float | None = None  # with Sequence.logprobs: log p(token) under the processed logits
+    top_logprobs: list | None = None  # with Sequence.logprobs = k: the k likeliest (id, logprob), best first
 
 
 class Scheduler:
@@ -98,9 +108,11 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------- requests
 
-    def add(self, prompt, steps: int = 256, sampling: Sampling | Sampler = Sampling(), stop_ids=(BOS,)) -> Sequence:
+    def add(self, prompt, steps: int = 256, sampling: Sampling | Sampler = Sampling(), stop_ids=(BOS,),
+            processor=None, logprobs: int | None = None) -> Sequence:
         """Queue a sequence. prompt: token ids, BOS first; steps: positions, prompt included (0 = the
-        context). It starts at the next step that has a slot and its pages free."""
+        context). It starts at the next step that has a slot and its pages free. processor and
+        logprobs: see the module docstring (both off by default)."""
         cfg = self.engine.config
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -112,7 +124,10 @@ class Scheduler:
         if self.max_queue is not None and len(self.queue) >= self.max_queue:
             raise GenerationError(f"the queue is full ({self.max_queue} sequences waiting)")
         sampler = sampling if isinstance(sampling, Sampler) else sampling.sampler(cfg.vocab_size)
-        seq = Sequence(next(self._ids), prompt, resolve_steps(steps, cfg.seq_len), sampler, tuple(stop_ids))
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+            raise GenerationError(f"logprobs must be None or an integer >= 0, got {logprobs!r}")
+        seq = Sequence(next(self._ids), prompt, resolve_steps(steps, cfg.seq_len), sampler, tuple(stop_ids),
+                       processor, logprobs)
         self.queue.append(seq)
         return seq
 
@@ -188,12 +203,19 @@ class Scheduler:
         events = []
         for j, i in enumerate(order):
             seq = owners[i]
-            token = seq.sampler(logits[j])
+            row = logits[j]
+            if seq.processor is not None:
+                seq.processor(row, seq.tokens)
+            logprobs = log_softmax(row) if seq.logprobs is not None else None  # before the sampler overwrites row
+            token = seq.sampler(row)
             seq.tokens.append(token)
             seq.status = "decode"
             pos = len(seq.prompt) - 1 + len(seq.tokens)  # the position this token will take
             finished = token in seq.stop_ids or pos >= seq.steps
-            events.append(Event(seq, token, finished))
+            event = Event(seq, token, finished)
+            if logprobs is not None:
+                event.logprob, event.top_logprobs = float(logprobs[token]), top_logprobs(logprobs, seq.logprobs)
+            events.append(event)
             if finished:
                 self._finish(seq, "stop" if token in seq.stop_ids else "length")
         events.sort(key=lambda e: e.seq.id)

@@ -24,9 +24,11 @@ COMMANDS = {
     "data": "download corpora, train a vocabulary, pretokenize (needs the train extra)",
     "export": "convert between torch, llama2.c .bin and Hugging Face formats",
     "quantize": "write an int8 (Q8_0) or int4 copy of an fp32 .bin",
+    "serve": "serve a model over OpenAI's HTTP API, with a chat page (needs the serve extra)",
 }
 # the packages each extra brings, for the hint when one is missing
-EXTRAS = {"torch": "train", "sentencepiece": "train", "tqdm": "train", "safetensors": "train"}
+EXTRAS = {"torch": "train", "sentencepiece": "train", "tqdm": "train", "safetensors": "train",
+          "uvicorn": "serve", "starlette": "serve", "prometheus_client": "serve"}
 
 
 class OneLineParser(argparse.ArgumentParser):

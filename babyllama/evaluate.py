@@ -73,9 +73,10 @@ def perplexity(model, text: str, max_tokens: int) -> tuple[float, int]:
 _PROBE = r"""
 import sys, time
 from babyllama.engine import Engine
-from babyllama.formats.llama2c import load_checkpoint
+from babyllama.formats import load_for_inference
 from babyllama.generation import generate_ids
-engine = Engine.from_checkpoint(load_checkpoint(sys.argv[1]))
+loaded = load_for_inference(sys.argv[1], own_tokenizer=False)  # a .bin, a Hugging Face folder or a GGUF file
+engine = Engine(loaded.config, loaded.weights)
 state = engine.new_state()
 it = generate_ids(engine, state, [1], int(sys.argv[2]), lambda lg: int(lg[2:].argmax()) + 2)
 next(it)
@@ -104,3 +105,89 @@ def first_token_probe(model_path: Path, steps: int, cache_dir: str) -> tuple[flo
     return float(t_first) - t_spawn, int(rss)
 
 
+
+
+def matmul_flops(cfg, tokens: int) -> float:
+    """FLOPs of a forward's matrix products for `tokens` rows (2 per multiply-add; no attention)."""
+    d, h, q, kv = cfg.dim, cfg.hidden_dim, cfg.q_dim, cfg.kv_dim
+    per_layer = d * q + 2 * d * kv + q * d + 3 * d * h
+    return 2.0 * tokens * (cfg.n_layers * per_layer + cfg.vocab_size * d)
+
+
+def prefill_speed(engine, n_tokens: int, repeats: int) -> tuple[float, float]:
+    """(best tok/s, its matmul GFLOP/s) of prefilling an n-token prompt in one call (the last
+    position's logits, as generation needs), after a warm-up."""
+    n_tokens = min(n_tokens, engine.config.seq_len)
+    tokens = np.random.default_rng(0).integers(0, engine.config.vocab_size, n_tokens)
+    state = engine.new_state()
+    engine.forward(tokens[: min(n_tokens, 8)], 0, state)  # compile / page in
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        engine.forward(tokens, 0, state)
+        best = max(best, n_tokens / (time.perf_counter() - t0))
+    return best, best * matmul_flops(engine.config, 1) / 1e9
+
+
+def sgemm_ceiling(cfg, n_tokens: int, repeats: int = 3) -> float:
+    """GFLOP/s of numpy's BLAS sgemm (reassociating, so not usable by the engine) on the model's
+    matrix shapes for n_tokens rows: the machine's matrix-matrix ceiling."""
+    rng = np.random.default_rng(0)
+    d, h, q = cfg.dim, cfg.hidden_dim, cfg.q_dim
+    shapes = [(q, d), (cfg.kv_dim, d), (cfg.kv_dim, d), (d, q), (h, d), (h, d), (d, h)]
+    mats = [(rng.standard_normal((n_tokens, cols), dtype=np.float32), rng.standard_normal((rows, cols), dtype=np.float32))
+            for rows, cols in shapes]
+    flops = sum(2.0 * n_tokens * rows * cols for rows, cols in shapes)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for x, w in mats:
+            x @ w.T
+        best = max(best, flops / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def batch_speed(engine, batch: int, new_tokens: int, repeats: int) -> dict:
+    """Aggregate and per-sequence tok/s of `batch` sequences decoding `new_tokens` each from BOS
+    together (the scheduler; greedy, never stopping early), the KV cache bytes they hold at the
+    end, and the steps' mean rows."""
+    from .generation import Sampling, Scheduler
+
+    steps = min(1 + new_tokens, engine.config.seq_len)
+    best, kv = 0.0, 0
+    for r in range(repeats + 1):  # the first run compiles / pages in
+        sched = Scheduler(engine, max_sequences=batch)
+        for _ in range(batch):
+            sched.add([1], steps, Sampling(temperature=0.0), stop_ids=())
+        n, t0 = 0, time.perf_counter()
+        while sched.busy:
+            n += len(sched.step())
+            kv = max(kv, sched.state.kv_bytes_used())
+        if r:
+            best = max(best, n / (time.perf_counter() - t0))
+    return {"tok_s": best, "per_seq_tok_s": best / batch, "kv_mb": kv / 1e6}
+
+
+def speculative_speed(engine, drafter_factory, steps: int, repeats: int) -> tuple[float, float]:
+    """(best tok/s, acceptance) of speculative greedy decoding from BOS (never stopping early)."""
+    from .generation.speculative import SpecStats, speculative_ids
+
+    best, acceptance = 0.0, 0.0
+    for r in range(repeats + 1):
+        stats = SpecStats()
+        t0 = time.perf_counter()
+        n = sum(1 for _ in speculative_ids(engine, engine.new_state(), [1], steps, lambda lg: int(np.argmax(lg[2:])) + 2,
+                                            drafter_factory(), stop_ids=(), stats=stats))
+        if r:
+            best, acceptance = max(best, n / (time.perf_counter() - t0)), stats.acceptance
+    return best, acceptance
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM)."""
+    try:
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -18,13 +18,24 @@ with ours so both see the same machine; it reports run.c's own "achieved tok/s".
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 from ..errors import BabyLlamaError
-from ..evaluate import decode_speed, first_token_probe, peer_speed, perplexity
+from ..evaluate import (
+    batch_speed,
+    decode_speed,
+    first_token_probe,
+    peak_rss,
+    peer_speed,
+    perplexity,
+    prefill_speed,
+    sgemm_ceiling,
+    speculative_speed,
+)
 from ..testing import SHAPES, placeholder_tokenizer, random_model
 from . import OneLineParser
 
@@ -32,12 +43,14 @@ def bench_one(model_path: Path, label: str, args) -> dict:
     from ..engine import Engine
     from ..formats.llama2c import load_checkpoint
 
-    ck = load_checkpoint(model_path)
-    engine = Engine.from_checkpoint(ck, parallel=args.parallel)
+    from ..formats import load_for_inference
+
+    ck = load_for_inference(model_path, own_tokenizer=False)  # a .bin, a Hugging Face folder or a GGUF file
+    engine = Engine(ck.config, ck.weights, parallel=args.parallel)
     if engine.compiles_on_first_call:  # otherwise the first measurement looks hung
         print("compiling the engine for this machine (first run only, ~20-30 s)...", file=sys.stderr)
     steps = min(args.steps, ck.config.seq_len)
-    peers = args.peer if ck.version == 0 else []  # run.c reads only the v0 format
+    peers = args.peer if ck.description == "v0" else []  # run.c reads only the v0 format
     if peers:  # one run of ours, then one of each peer, and again: the same machine state for all
         from numba import get_num_threads
 
@@ -51,19 +64,21 @@ def bench_one(model_path: Path, label: str, args) -> dict:
             for p in peers:
                 theirs[p].append(peer_speed(p, model_path, tokenizer, steps, threads))
         best, mean = max(ours), sum(ours) / len(ours)
-    else:
+    elif args.decode:
         best, mean = decode_speed(engine, steps, args.repeats)
+    else:
+        best = mean = None
     row = {
         "model": label,
-        "format": f"v{ck.version}" + (f" gs{ck.group_size}" if ck.group_size else ""),
-        "file_mb": round(model_path.stat().st_size / 1e6, 2),
+        "format": ck.description,
+        "file_mb": round(sum(f.stat().st_size for f in (model_path.iterdir() if model_path.is_dir() else [model_path]))
+                         / 1e6, 2),
         "params_m": round(ck.config.n_params / 1e6, 2),
         "threads": "n" if engine.parallel else "1",
-        "steps": steps,
-        "tok_s": round(best, 1),
-        "tok_s_mean": round(mean, 1),
-        "gb_s": round(best * engine.weight_bytes / 1e9, 1),
     }
+    if best is not None:
+        row.update(steps=steps, tok_s=round(best, 1), tok_s_mean=round(mean, 1),
+                   gb_s=round(best * engine.weight_bytes / 1e9, 1))
     for p in peers:
         name = Path(p).name
         row[f"{name}_tok_s"] = round(max(theirs[p]), 1)
@@ -73,11 +88,34 @@ def bench_one(model_path: Path, label: str, args) -> dict:
             cold, _ = first_token_probe(model_path, 2, cache)
             warm, rss = first_token_probe(model_path, steps, cache)
         row.update(ttft_cold_s=round(cold, 3), ttft_warm_s=round(warm, 3), peak_rss_mb=round(rss / 1e6, 1))
+    if args.prefill:
+        tok_s, gflops = prefill_speed(engine, args.prefill, args.repeats)
+        row.update(prefill=min(args.prefill, ck.config.seq_len), prefill_tok_s=round(tok_s, 1),
+                   prefill_gflop_s=round(gflops, 1), sgemm_gflop_s=round(sgemm_ceiling(ck.config, args.prefill), 1))
+    for b in args.batch:
+        r = batch_speed(engine, b, args.batch_tokens, args.repeats)
+        row.update({f"batch{b}_tok_s": round(r["tok_s"], 1), f"batch{b}_per_seq": round(r["per_seq_tok_s"], 1),
+                    f"batch{b}_kv_mb": round(r["kv_mb"], 1)})
+    if args.batch:
+        row["rss_mb"] = round(peak_rss() / 1e6, 1)
+    if args.draft or args.lookup:
+        from ..generation.speculative import LookupDraft, ModelDraft
+
+        if args.draft:
+            draft_engine = Engine.from_checkpoint(load_checkpoint(args.draft))
+            factory = lambda: ModelDraft(draft_engine, ck.config)  # noqa: E731
+        else:
+            factory = lambda: LookupDraft(args.lookup)  # noqa: E731
+        tok_s, acc = speculative_speed(engine, factory, steps, args.repeats)
+        row.update(spec_tok_s=round(tok_s, 1), acceptance=round(acc, 3))
+        if best:
+            row["spec_speedup"] = round(tok_s / best, 2)
     if args.ppl:
         from ..api import Model, find_tokenizer
         from ..tokenizers import load_tokenizer
 
-        tok = load_tokenizer(find_tokenizer(model_path, args.tokenizer), ck.config.vocab_size)
+        own = args.tokenizer or model_path  # an HF folder's or GGUF file's own tokenizer
+        tok = load_tokenizer(find_tokenizer(model_path, args.tokenizer) if ck.kind == "bin" else own, ck.config.vocab_size)
         ppl, n = perplexity(Model(engine, tok, model_path), Path(args.ppl).read_text(encoding="utf-8"), args.ppl_tokens)
         row.update(ppl=round(ppl, 4), ppl_tokens=n)
     return row
@@ -86,6 +124,7 @@ def bench_one(model_path: Path, label: str, args) -> dict:
 def _with_quantized(jobs: list, bits_list: str, tmp: Path) -> list:
     """Each fp32 job followed by its quantized copies (`babyllama quantize` with default group size)."""
     from ..convert import quantize_file
+    from ..formats import detect_format
     from ..formats.llama2c import load_checkpoint
 
     try:
@@ -97,7 +136,7 @@ def _with_quantized(jobs: list, bits_list: str, tmp: Path) -> list:
     out = []
     for path, label in jobs:
         out.append((path, label))
-        if load_checkpoint(path).version not in (0, 1):
+        if detect_format(path) == "bin" and load_checkpoint(path).version not in (0, 1):
             continue
         for b in bits:
             print(f"quantizing {label} to int{b}...", file=sys.stderr)
@@ -105,6 +144,16 @@ def _with_quantized(jobs: list, bits_list: str, tmp: Path) -> list:
             quantize_file(path, q, b)
             out.append((q, f"{label} int{b}"))
     return out
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,8,32, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return values
 
 
 def print_table(rows: list[dict]) -> None:
@@ -135,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time int8/int4 copies of each fp32 model, e.g. 8,4 (written to a temp dir)")
     p.add_argument("--peer", metavar="RUN", action="append", default=[],
                    help="also time this llama2.c `run` binary on each v0 model, interleaved with ours (repeatable)")
+    p.add_argument("--prefill", type=int, default=0, metavar="N",
+                   help="also time an N-token prompt in one call: tok/s, GFLOP/s, and numpy sgemm's on the same shapes")
+    p.add_argument("--batch", type=_int_list, default=[], metavar="B,..",
+                   help="also time B sequences decoding together (e.g. 1,8,32): aggregate and per-sequence tok/s")
+    p.add_argument("--batch-tokens", type=int, default=128, help="new tokens per sequence for --batch (default 128)")
+    p.add_argument("--draft", type=Path, help="also time speculative decoding with this draft model")
+    p.add_argument("--lookup", type=int, default=0, metavar="N", help="also time prompt-lookup speculative decoding")
+    p.add_argument("--no-decode", dest="decode", action="store_false", help="skip the single-stream decode timing")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     args = p.parse_args(argv)
     if not args.models and not args.shape:

@@ -110,10 +110,10 @@ class Engine:
             return total + w.rms_att.nbytes + w.rms_ffn.nbytes + w.rms_final.nbytes
         return sum(a.nbytes for n, a in w.items() if n != "token_embedding") + w.token_embedding[0].nbytes
 
-    def new_state(self, n_slots: int = 1, n_pages: int | None = None) -> State:
+    def new_state(self, n_slots: int = 1, n_pages: int | None = None, fixed: bool | None = None) -> State:
         """Run state for n_slots sequences (n_pages: the cache pool; default, every slot's whole
-        context)."""
-        return State(self.config, n_slots, n_pages, self.group_size)
+        context). fixed: every slot owns its pages for good (default: a single sequence does)."""
+        return State(self.config, n_slots, n_pages, self.group_size, fixed=fixed)
 
     @property
     def compiles_on_first_call(self) -> bool:

@@ -32,7 +32,7 @@ class State:
     single-sequence API's position)."""
 
     def __init__(self, cfg: ModelConfig, n_slots: int = 1, n_pages: int | None = None, group_size: int = 0,
-                 rows: int = 1):
+                 rows: int = 1, fixed: bool | None = None):
         self.config = cfg
         self.n_slots = int(n_slots)
         self.blocks = -(-cfg.seq_len // PAGE)  # blocks of a full context
@@ -48,7 +48,9 @@ class State:
         self._pages = [[] for _ in range(self.n_slots)]  # pages owned by each slot, in block order
         self._free = list(range(n_pages - 1, -1, -1))
         self.cache = (self.key_pages, self.value_pages, self.block_table)  # the forward's cache argument
-        self.fixed = self.n_slots == 1 and n_pages >= self.blocks  # one sequence: all its pages now, kept
+        if fixed is None:  # one sequence with room for its context: all its pages now, and kept
+            fixed = self.n_slots == 1 and n_pages >= self.blocks
+        self.fixed = fixed
         if self.fixed:
             self.reserve(0, cfg.seq_len)
         self.group_size = int(group_size)

@@ -96,7 +96,7 @@ class Scheduler:
         if max_sequences < 1 or max_rows < 1:
             raise GenerationError(f"max_sequences and max_rows must be >= 1, got {max_sequences}, {max_rows}")
         self.engine = engine
-        self.state = engine.new_state(n_slots=max_sequences, n_pages=n_pages)
+        self.state = engine.new_state(n_slots=max_sequences, n_pages=n_pages, fixed=False)
         self.max_rows = max_rows  # token rows per step: decode rows first, then prompt chunks
         self.max_queue = max_queue
         self.free_slots = list(range(max_sequences - 1, -1, -1))

@@ -10,7 +10,7 @@ import pytest
 
 from babyllama.api import Model
 from babyllama.generation import Sampling, Scheduler, generate_ids
-from babyllama.sampling import LogitsProcessor, Sampler, log_softmax, top_logprobs
+from babyllama.sampling import LogitsProcessor, log_softmax, top_logprobs
 from babyllama.testing import small_tokenizer
 
 pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn) is not installed")

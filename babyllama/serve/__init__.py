@@ -5,8 +5,9 @@ its chat page. Needs the serve extra (uvicorn, Starlette, prometheus-client).
     app = create_app(babyllama.load(), name="babyllama")   # an ASGI app
 
 schemas.py checks requests, choice.py turns tokens into text (stop strings, logprobs), worker.py
-is the one thread that runs the engine, app.py the endpoints, metrics.py /metrics, static/ the page,
-loadgen.py concurrent streaming clients (the load test and the benchmark), bench.py the benchmark.
+is the one thread that runs the engine, app.py the endpoints, metrics.py /metrics, static/ the page;
+client.py starts servers and drives them with concurrent streaming clients (the load test and the
+benchmark), bench.py is the serve benchmark (bench/serve.sh).
 """
 
 from .app import create_app

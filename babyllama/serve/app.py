@@ -129,11 +129,8 @@ class Service:
 
     # ---------------------------------------------------------------------------- jobs
 
-    def jobs(self, prompts: list[list[int]], params: Params, stop_ids, chat: bool, param: str,
-             default_max_tokens: int | None = None) -> list[Job]:
-        """One job per (prompt, choice), OpenAI's order: choice index = prompt * n + j; choice i
-        is seeded seed + i (as generate_batch seeds prompt i). Admission is checked here."""
-        total = len(prompts) * params.n
+    def check_capacity(self, total: int) -> None:
+        """Room for `total` more sequences (running + queued), else 400 (never) or 503 (not now)."""
         if total > self.capacity:
             raise invalid("n", f"this request needs {total} sequences; this server runs at most {self.capacity} "
                                "at once (running + queued)")
@@ -141,6 +138,13 @@ class Service:
             raise APIError(503, f"the server is busy: {self.active} sequences are running or queued (the limit is "
                                 f"{self.capacity}); retry shortly", "server_error", code="queue_full",
                            headers={"Retry-After": RETRY_AFTER})
+
+    def jobs(self, prompts: list[list[int]], params: Params, stop_ids, chat: bool, param: str,
+             default_max_tokens: int | None = None) -> list[Job]:
+        """One job per (prompt, choice), OpenAI's order: choice index = prompt * n + j; choice i
+        is seeded seed + i (as generate_batch seeds prompt i). Admission is checked here."""
+        total = len(prompts) * params.n
+        self.check_capacity(total)
         steps = [self.steps_for(len(p), params.max_tokens, default_max_tokens, param) for p in prompts]
         base = params.seed if params.seed else secrets.randbits(64)  # no seed (or 0, run.c's "none"): random
         vocab = self.config.vocab_size
@@ -464,6 +468,7 @@ def create_app(model, name: str | None = None, chat_template=None, api_key: str 
         else:
             texts, params = completion_request(body, svc.config.vocab_size)
             svc.check_ready()
+            svc.check_capacity(len(texts) * params.n)  # before encoding what could never run
             prompts = [svc.encode(p) if isinstance(p, str) else p for p in texts]
             jobs = svc.jobs(prompts, params, tok.stop_ids, chat=False, param="max_tokens",
                             default_max_tokens=COMPLETION_MAX_TOKENS)

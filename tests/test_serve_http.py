@@ -120,6 +120,7 @@ MALFORMED = [
     ("/v1/completions", b'{"prompt": "x", "max_tokens": 0}', 400),
     ("/v1/completions", b'{"prompt": "x", "max_tokens": -5}', 400),
     ("/v1/completions", b'{"prompt": "x", "n": 100000}', 400),
+    ("/v1/completions", b'{"prompt": "x", "n": 3}', 400),  # more than this server's 1 slot + 1 queue place
     ("/v1/completions", b'{"prompt": "x", "logit_bias": []}', 400),
     ("/v1/completions", b'{"prompt": [[]]}', 400),
     ("/v1/completions", b'{"prompt": [-1]}', 400),

@@ -246,3 +246,15 @@ def test_health_and_generation_answer_503_until_the_engine_is_ready(model):
     assert status == 503 and json.loads(body)["error"]["code"] == "model_loading"
     status, _, body = asgi_request(app, "POST", "/v1/completions", b'{"prompt": 5}')  # bad input: 400 first
     assert status == 400 and json.loads(body)["error"]["param"] == "prompt"
+
+
+def test_chat_template_override_renders_chatml(model):
+    from babyllama.serve import create_app
+    from babyllama.tokenizers.chat import CHATML
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    body = json.dumps({"messages": messages}).encode()
+    _, _, default = asgi_request(create_app(model, "m"), "POST", "/tokenize", body)
+    _, _, chatml = asgi_request(create_app(model, "m", chat_template=CHATML), "POST", "/tokenize", body)
+    assert json.loads(default)["tokens"] == model.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]")
+    assert json.loads(chatml)["tokens"] == model.encode(CHATML.text(messages))

@@ -39,13 +39,17 @@ def group_size_problem(cfg: ModelConfig, group_size: int, bits: int) -> str | No
     """Why `group_size` cannot quantize this model at `bits`, or None if it can.
 
     Groups must tile every matrix row (so a group never straddles two rows) and the activation
-    vectors the matmuls read (dim for most, hidden_dim for w2): the size must divide both dim and
-    hidden_dim. int4 packs a group into whole bytes, so its groups must also be even.
+    vectors the matmuls read (dim for most, hidden_dim for w2, q_dim = n_heads * head_dim for wo):
+    the size must divide dim, hidden_dim and q_dim (q_dim is dim unless head_dim was given).
+    int4 packs a group into whole bytes, so its groups must also be even.
     """
     if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
         return f"group size must be a positive integer, got {group_size!r}"
     if cfg.dim % group_size or cfg.hidden_dim % group_size:
         return f"group size {group_size} must divide both dim ({cfg.dim}) and hidden_dim ({cfg.hidden_dim})"
+    if cfg.q_dim % group_size:
+        return (f"group size {group_size} must divide q_dim ({cfg.q_dim} = {cfg.n_heads} heads x head_dim "
+                f"{cfg.head_dim}, the width wo reads)")
     if bits == 4 and group_size % 2:
         return f"int4 group size must be even (two weights per byte), got {group_size}"
     return None
@@ -59,7 +63,7 @@ def check_group_size(cfg: ModelConfig, group_size: int, bits: int) -> int:
 
 
 def choose_group_size(cfg: ModelConfig, bits: int = 8, max_group_size: int = DEFAULT_MAX_GROUP_SIZE) -> int:
-    """The largest group size <= max_group_size that divides dim and hidden_dim (even for int4).
+    """The largest group size <= max_group_size that divides dim, hidden_dim and q_dim (even for int4).
 
     Larger groups mean fewer scales (smaller, faster files); 64 keeps int8 within a fraction of a
     percent of fp32 perplexity. Refuses when only sizes below MIN_AUTO_GROUP_SIZE fit.
@@ -69,7 +73,8 @@ def choose_group_size(cfg: ModelConfig, bits: int = 8, max_group_size: int = DEF
             return gs
     raise CheckpointError(
         f"no group size in [{MIN_AUTO_GROUP_SIZE}, {max_group_size}] divides both dim ({cfg.dim}) and "
-        f"hidden_dim ({cfg.hidden_dim})" + (" and is even" if bits == 4 else "")
+        f"hidden_dim ({cfg.hidden_dim})" + (f" and q_dim ({cfg.q_dim})" if cfg.q_dim != cfg.dim else "")
+        + (" and is even" if bits == 4 else "")
         + "; pass --group-size explicitly or train with a hidden_dim that shares a factor with dim"
     )
 

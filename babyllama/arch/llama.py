@@ -7,7 +7,8 @@ stacked along a leading layer axis.
 
 RoPE layout: llama2.c, Meta and GGUF rotate interleaved pairs (2j, 2j+1) of each head, Hugging
 Face's rotate_half rotates (j, j + head_size/2). babyllama's engine uses the interleaved layout;
-an HF model's wq and wk rows are reordered per head on the way in and out (permute_*_hf).
+an HF model's wq and wk rows are reordered per head on the way in and out (permute_*_hf); GGUF
+tensors need nothing (llama.cpp's converter already permuted them to the interleaved layout).
 """
 
 from __future__ import annotations
@@ -123,6 +124,20 @@ HF_NAMES = {  # transformers' LlamaForCausalLM
     "w3": "model.layers.{i}.mlp.up_proj.weight",
     "rms_final": "model.norm.weight",
     "wcls": "lm_head.weight",
+}
+GGUF_NAMES = {  # llama.cpp's GGUF, architecture "llama"
+    "token_embedding": "token_embd.weight",
+    "rms_att": "blk.{i}.attn_norm.weight",
+    "wq": "blk.{i}.attn_q.weight",
+    "wk": "blk.{i}.attn_k.weight",
+    "wv": "blk.{i}.attn_v.weight",
+    "wo": "blk.{i}.attn_output.weight",
+    "rms_ffn": "blk.{i}.ffn_norm.weight",
+    "w1": "blk.{i}.ffn_gate.weight",
+    "w2": "blk.{i}.ffn_down.weight",
+    "w3": "blk.{i}.ffn_up.weight",
+    "rms_final": "output_norm.weight",
+    "wcls": "output.weight",
 }
 META_NAMES = {  # Meta's llama consolidated.*.pth
     "token_embedding": "tok_embeddings.weight",

@@ -1,11 +1,14 @@
-"""Hugging Face model folders (transformers' LlamaForCausalLM): config.json + safetensors, read
-and written, and the tokenizer files `AutoTokenizer.from_pretrained` reads.
+"""Hugging Face model folders (transformers' LlamaForCausalLM and MistralForCausalLM): config.json
++ safetensors (one file or a sharded index), read for the engine and for conversion, and written;
+and the tokenizer files `AutoTokenizer.from_pretrained` reads, written (reading them is
+tokenizers/hf.py's).
 
 HF's rotate_half RoPE pairs dimensions (j, j + head_size/2) where llama2.c pairs (2j, 2j+1), so
 wq and wk rows are permuted per head on the way in and out (arch.llama.hf_transforms). Every
 hyperparameter travels: rope_theta, rms_norm_eps, head_dim (which may differ from
 hidden_size / num_attention_heads) and Llama 3.1's "llama3" rope scaling; what babyllama cannot
-run (other RoPE types, biases, other activations) is refused naming the config field.
+run (other architectures, other RoPE types, biases, other activations, a sliding window shorter
+than the context) is refused naming the config field or tensor.
 """
 
 from __future__ import annotations
@@ -15,19 +18,23 @@ from pathlib import Path
 
 import numpy as np
 
-from ..arch.llama import HF_NAMES, Weights, collect, hf_transforms, spread
+from ..arch.llama import HF_NAMES, Weights, hf_transforms, spread
 from ..config import ModelConfig, RopeScaling
 from ..errors import CheckpointError, ConfigError
-from ..fileio import make_folder, write_bytes
+from ..fileio import make_folder, map_readonly, write_bytes
+from .assemble import FLOAT_BYTES, Stored, build, gather, stored_bytes
 
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+MODEL_TYPES = ("llama", "mistral")  # Mistral's architecture is Llama's plus an optional sliding window
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+MAX_CONTEXT = 1 << 24  # a larger max_position_embeddings is a broken file, not a model
 
 
 def _safetensors():
     try:
         import safetensors.numpy
     except ImportError:
-        raise CheckpointError("Hugging Face import/export needs safetensors: pip install 'babyllama[train]'") from None
+        raise CheckpointError("Hugging Face models need safetensors: pip install 'babyllama[hf]'") from None
     return safetensors
 
 
@@ -107,11 +114,24 @@ def _rope(where: Path, c: dict) -> tuple[float, RopeScaling | None]:
         raise CheckpointError(f"{where}: {field}: {e}") from None
 
 
+def _positive_int(where: Path, c: dict, key: str, default=None, limit: int = 1 << 31) -> int:
+    value = c.get(key, default)
+    if value is None:
+        raise CheckpointError(f"{where}: missing key {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+        raise CheckpointError(f"{where}: {key}: expected a positive integer up to {limit}, found {value!r}")
+    return value
+
+
 def model_config(folder: Path, c: dict) -> ModelConfig:
-    """The ModelConfig of a parsed config.json."""
+    """The ModelConfig of a parsed config.json; what babyllama cannot run is refused naming the key."""
     where = Path(folder) / "config.json"
-    if c.get("model_type") != "llama":
-        raise CheckpointError(f"{where}: expected model_type 'llama', found {c.get('model_type')!r}")
+    if c.get("model_type") not in MODEL_TYPES:
+        raise CheckpointError(f"{where}: model_type: expected one of {', '.join(map(repr, MODEL_TYPES))} (the "
+                              f"Llama architecture), found {c.get('model_type')!r}")
+    archs = c.get("architectures") or []
+    if not isinstance(archs, list) or any(a not in ARCHITECTURES for a in archs):
+        raise CheckpointError(f"{where}: architectures: expected {' or '.join(ARCHITECTURES)}, found {archs!r}")
     unsupported = {
         "hidden_act": (c.get("hidden_act", "silu"), "silu"),
         "attention_bias": (c.get("attention_bias", False), False),
@@ -120,19 +140,27 @@ def model_config(folder: Path, c: dict) -> ModelConfig:
     for key, (found, expected) in unsupported.items():
         if found != expected:
             raise CheckpointError(f"{where}: {key}: expected {expected!r} (what llama2.c models use), found {found!r}")
+    seq_len = _positive_int(where, c, "max_position_embeddings", 2048, MAX_CONTEXT)
+    window = c.get("sliding_window")
+    if window is not None and c.get("use_sliding_window", True) is not False:
+        if isinstance(window, bool) or not isinstance(window, int) or window < seq_len:
+            raise CheckpointError(f"{where}: sliding_window: expected null or at least max_position_embeddings "
+                                  f"({seq_len}): babyllama attends to the whole context, found {window!r}")
     theta, scaling = _rope(where, c)
+    heads = _positive_int(where, c, "num_attention_heads")
+    kv_heads = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or 0
+    for key, value in (("num_key_value_heads", kv_heads), ("head_dim", head_dim or 1)):
+        _positive_int(where, {key: value}, key)
     try:
-        heads = c["num_attention_heads"]
         return ModelConfig(
-            dim=c["hidden_size"], hidden_dim=c["intermediate_size"], n_layers=c["num_hidden_layers"],
-            n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads, vocab_size=c["vocab_size"],
-            seq_len=c.get("max_position_embeddings", 2048),
+            dim=_positive_int(where, c, "hidden_size"), hidden_dim=_positive_int(where, c, "intermediate_size"),
+            n_layers=_positive_int(where, c, "num_hidden_layers"), n_heads=heads, n_kv_heads=kv_heads,
+            vocab_size=_positive_int(where, c, "vocab_size"), seq_len=seq_len,
             shared_classifier=bool(c.get("tie_word_embeddings", False)),  # transformers' default is False
-            norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), head_dim=c.get("head_dim") or 0,
+            norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), head_dim=head_dim,
             rope_scaling=scaling,
         )
-    except KeyError as e:
-        raise CheckpointError(f"{where}: missing key {e.args[0]!r}") from None
     except (ConfigError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: invalid model shape ({e})") from None
 
@@ -141,39 +169,89 @@ def model_config(folder: Path, c: dict) -> ModelConfig:
 # weights
 
 
-def load_hf(folder) -> tuple[ModelConfig, Weights]:
-    """Read a LlamaForCausalLM folder: config.json + model.safetensors (or a sharded index)."""
+def map_safetensors(path) -> dict[str, Stored]:
+    """The tensors of one .safetensors file as read-only views of its mapping (no copy).
+
+    The safetensors library checks the file first (header, offsets, dtypes, the exact size); the
+    already validated header is then read again to find each tensor's bytes. Dtypes other than
+    F32, F16 and BF16 (int8 or fp8 quantizations) are refused, naming the tensor.
+    """
     _safetensors()
     from safetensors import safe_open
 
+    path = Path(path)
+    buf = map_readonly(path, CheckpointError, "safetensors file")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            keys = set(f.keys())
+    except Exception as e:  # SafetensorError: truncated, foreign, inconsistent
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    n = int.from_bytes(bytes(buf[:8]), "little")
+    header = json.loads(bytes(buf[8 : 8 + n]))
+    base = 8 + n
+    out = {}
+    for key in sorted(keys):
+        info = header[key]
+        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        if dtype not in FLOAT_BYTES:
+            raise CheckpointError(f"{path}: tensor {key}: expected dtype F32, F16 or BF16, found {dtype}")
+        if end - begin != stored_bytes(dtype, shape) or base + end > buf.size:
+            raise CheckpointError(f"{path}: tensor {key}: {end - begin} bytes do not hold {dtype} {list(shape)}")
+        out[key] = Stored(key, dtype, shape, buf[base + begin : base + end])
+    return out
+
+
+def _shard_names(folder: Path) -> list[str]:
+    """The safetensors files of a folder: the index's shards, or model.safetensors."""
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = read_json(folder, index_path.name, "a safetensors index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: expected a non-empty 'weight_map' object")
+        names = sorted(set(weight_map.values()), key=str)
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name or not (folder / name).is_file():
+                raise CheckpointError(f"{index_path}: weight_map names shard {name!r}: expected a file in {folder}")
+        return names
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    found = sorted(p.name for p in folder.iterdir())[:8]
+    raise CheckpointError(f"{folder}: expected model.safetensors or model.safetensors.index.json, found {found}")
+
+
+def hf_tensors(folder, cfg: ModelConfig) -> dict:
+    """gather's tensors of an HF folder: every shard mapped, Llama's names checked. Biases and
+    tensors of other architectures are refused, naming the first one."""
+    folder = Path(folder)
+    lookup: dict[str, Stored] = {}
+    for name in _shard_names(folder):
+        lookup.update(map_safetensors(folder / name))
+    expected = {key.format(i=i) for key in HF_NAMES.values() for i in range(cfg.n_layers)}
+    for key in sorted(lookup):
+        if key in expected or key.endswith("rotary_emb.inv_freq"):  # old checkpoints store RoPE's frequencies
+            continue
+        if key.endswith(".bias"):
+            raise CheckpointError(f"{folder}: tensor {key}: biases are not part of the Llama architecture "
+                                  "babyllama runs (expected weights only)")
+        raise CheckpointError(f"{folder}: unexpected tensor {key} (expected Llama's model.* and lm_head.weight)")
+    return gather(cfg, HF_NAMES, lookup, str(folder))
+
+
+def load_hf(folder) -> tuple[ModelConfig, Weights]:
+    """(config, fp32 Weights) of a LlamaForCausalLM folder: config.json + model.safetensors (or a
+    sharded index), in F32, F16 or BF16. For conversion; load_hf_model is the inference path."""
+    return load_hf_model(folder)
+
+
+def load_hf_model(folder, quantize: int | None = None, note=None):
+    """(config, weights) of an HF folder for the engine: fp32 Weights (the embedding and an untied
+    classifier mapped when stored as F32; per-layer tensors stacked once, wq/wk rows put in the
+    interleaved RoPE order), or with quantize=8|4 QuantWeights quantized one layer at a time."""
     folder = Path(folder)
     cfg = model_config(folder, read_json(folder, "config.json", "a Hugging Face model folder"))
-    if (folder / "model.safetensors.index.json").is_file():
-        index = read_json(folder, "model.safetensors.index.json", "a safetensors index")
-        if not isinstance(index.get("weight_map"), dict):
-            raise CheckpointError(f"{folder / 'model.safetensors.index.json'}: expected a 'weight_map' object")
-        file_of = index["weight_map"]
-    elif (folder / "model.safetensors").is_file():
-        with safe_open(folder / "model.safetensors", framework="numpy") as f:
-            file_of = {k: "model.safetensors" for k in f.keys()}
-    else:
-        found = sorted(p.name for p in folder.iterdir())[:8]
-        raise CheckpointError(f"{folder}: expected model.safetensors or model.safetensors.index.json, found {found}")
-    handles: dict[str, object] = {}
-
-    def get(key):
-        if key not in file_of:
-            return None
-        name = file_of[key]
-        if name not in handles:
-            handles[name] = safe_open(folder / name, framework="numpy")
-        try:
-            return handles[name].get_tensor(key).astype(np.float32, copy=False)
-        except TypeError:  # bfloat16 has no NumPy dtype: go through torch
-            with safe_open(folder / name, framework="pt") as f:
-                return f.get_tensor(key).float().numpy()
-
-    return cfg, collect(get, HF_NAMES, cfg, str(folder), hf_transforms(cfg, to_hf=False))
+    tensors = hf_tensors(folder, cfg)
+    return cfg, build(cfg, tensors, hf_transforms(cfg, to_hf=False), quantize, note)
 
 
 def export_hf(out_dir, cfg: ModelConfig, weights: Weights, inputs=()) -> Path:

@@ -306,24 +306,38 @@ def write_quantized_checkpoint(path, cfg: ModelConfig, weights: Weights, version
     group_size None picks the largest size <= 64 that divides dim and hidden_dim (quant.py).
     Matrices are quantized one layer at a time, so a mapped fp32 model is never copied whole.
     v2 output is byte-identical to llama2.c's `export.py --version 2` for the same group size.
+    Already quantized QuantWeights of the version's bits (a repacked GGUF Q8_0 / Q4_0) are
+    written as they are, with their own group size.
     """
-    from ..quant import VERSION_BITS, check_group_size, choose_group_size, quantize
+    from ..quant import VERSION_BITS, QuantWeights, check_group_size, choose_group_size, quantize
 
     if version not in VERSION_BITS:
         raise CheckpointError(f"write_quantized_checkpoint writes versions 2 (int8) and 3 (int4), not {version}")
     bits = VERSION_BITS[version]
-    if not isinstance(weights, Weights):
+    given = isinstance(weights, QuantWeights)
+    if given:
+        if weights.bits != bits or group_size not in (None, weights.group_size):
+            raise CheckpointError(f"the weights are int{weights.bits} with group size {weights.group_size}; "
+                                  f"expected int{bits}" + (f" with group size {group_size}" if group_size else ""))
+        group_size = weights.group_size
+    elif not isinstance(weights, Weights):
         weights = Weights.from_dict(cfg, dict(weights))
     gs = choose_group_size(cfg, bits) if group_size is None else check_group_size(cfg, group_size, bits)
     _, layout = _quant_layout(cfg, bits, gs)
+
+    def matrices(name, n_mats, rows, cols):
+        if given:
+            q = getattr(weights, name)
+            yield from ((q.values(i), q.scales[i]) for i in range(n_mats))
+        else:
+            yield from (quantize(m, gs, bits) for m in np.asarray(getattr(weights, name)).reshape(n_mats, rows, cols))
 
     def write(f):
         f.write(_header(cfg, version, gs))
         for name in NORMS:
             _write_f32(f, getattr(weights, name))
         for name, n_mats, rows, cols, _, _ in layout:
-            for m in np.asarray(getattr(weights, name)).reshape(n_mats, rows, cols):
-                values, scales = quantize(m, gs, bits)
+            for values, scales in matrices(name, n_mats, rows, cols):
                 f.write(values.tobytes())
                 _write_f32(f, scales)
 

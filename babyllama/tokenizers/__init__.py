@@ -1,5 +1,6 @@
-"""Vocabularies behind one interface (base.Tokenizer): tokenizer.bin (llama2c.py); chat templates
-(chat.py). `load_tokenizer` picks the implementation from the file."""
+"""Vocabularies behind one interface (base.Tokenizer): tokenizer.bin (llama2c.py), Hugging Face
+tokenizer.json (hf.py), sentencepiece .model (spm.py), a GGUF file's embedded vocabulary
+(gguf.py); chat templates (chat.py). `load_tokenizer` picks the implementation from the file."""
 
 from __future__ import annotations
 
@@ -10,8 +11,44 @@ from .llama2c import Llama2cTokenizer
 
 
 def load_tokenizer(path, vocab_size: int) -> Tokenizer:
-    """The tokenizer in `path`, which must hold exactly `vocab_size` tokens (the model's)."""
-    return Llama2cTokenizer.load(Path(path), vocab_size)
+    """The tokenizer in `path`, for a model of `vocab_size` tokens: an HF model folder or its
+    tokenizer.json, a sentencepiece .model, a GGUF file's vocabulary, else a tokenizer.bin (which
+    must hold exactly vocab_size tokens)."""
+    path = Path(path)
+    if path.is_dir():
+        from .hf import load_folder_tokenizer
+
+        return load_folder_tokenizer(path, vocab_size)
+    if path.suffix == ".json":
+        from .hf import HFTokenizer
+
+        return HFTokenizer.from_file(path, vocab_size)
+    if path.suffix == ".model":
+        from .spm import SentencePieceTokenizer
+
+        return SentencePieceTokenizer.load(path, vocab_size)
+    if _is_gguf(path):
+        from ..errors import CheckpointError, TokenizerError
+        from ..formats.gguf import read_header
+        from .gguf import gguf_tokenizer
+
+        try:
+            header, _ = read_header(path)
+        except CheckpointError as e:
+            raise TokenizerError(str(e)) from None
+        tok = gguf_tokenizer(header.metadata, vocab_size, path)
+        if tok is None:
+            raise TokenizerError(f"{path}: the GGUF file holds no vocabulary (no tokenizer.ggml.model)")
+        return tok
+    return Llama2cTokenizer.load(path, vocab_size)
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 __all__ = ["Tokenizer", "StreamDecoder", "Llama2cTokenizer", "load_tokenizer"]

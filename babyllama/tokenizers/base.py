@@ -30,6 +30,11 @@ class Tokenizer:
         """The bytes `token` prints when it follows `prev_token` (empty for control tokens)."""
         raise NotImplementedError
 
+    def token_text(self, token: int) -> str:
+        """How `token` is written in text, for a special token such as "<|eot_id|>" (what a chat
+        template renders); "" when the vocabulary has no such text."""
+        return ""
+
     def check_id(self, token: int) -> None:
         from ..errors import TokenizerError
 

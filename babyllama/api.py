@@ -17,7 +17,6 @@ import numpy as np
 
 from .engine import Engine
 from .errors import GenerationError, TokenizerError
-from .formats.llama2c import load_checkpoint
 from .generation import Chat, Piece, Sampling, Scheduler, pieces, resolve_steps, text_of
 from .generation.speculative import LookupDraft, ModelDraft, SpecStats, speculative_ids
 from .sampling import Sampler
@@ -52,16 +51,23 @@ class Model:
         self.path = path
 
     @classmethod
-    def load(cls, model_path=None, tokenizer_path=None, parallel: bool | None = None) -> "Model":
-        """Map a llama2.c checkpoint (any version) and its tokenizer.
+    def load(cls, model_path=None, tokenizer_path=None, parallel: bool | None = None,
+             quantize: int | None = None) -> "Model":
+        """Load a model and its tokenizer: a llama2.c .bin (any version), a Hugging Face folder or
+        a GGUF file (formats.load_for_inference). quantize=8|4 quantizes float weights at load.
 
-        The tokenizer defaults to tokenizer.bin beside the model, then in the working directory.
-        With no model path, the small model bundled with babyllama is used.
+        The tokenizer: tokenizer_path if given (tokenizer.bin, tokenizer.json, a .model, a GGUF);
+        else the HF folder's or GGUF file's own; for a .bin, tokenizer.bin beside the model, then
+        in the working directory. With no model path, the small model bundled with babyllama is used.
         """
+        from .formats import load_for_inference
+
         model_path = Path(model_path) if model_path is not None else DEFAULT_MODEL
-        ck = load_checkpoint(model_path)
-        tokenizer = load_tokenizer(find_tokenizer(model_path, tokenizer_path), ck.config.vocab_size)
-        return cls(Engine.from_checkpoint(ck, parallel), tokenizer, model_path)
+        loaded = load_for_inference(model_path, quantize, own_tokenizer=tokenizer_path is None)
+        tokenizer = loaded.tokenizer
+        if tokenizer is None:
+            tokenizer = load_tokenizer(find_tokenizer(model_path, tokenizer_path), loaded.config.vocab_size)
+        return cls(Engine(loaded.config, loaded.weights, parallel), tokenizer, model_path)
 
     @property
     def config(self):

@@ -2,8 +2,8 @@
 go beside a converted model, and fp32 -> int8/int4 quantization of a .bin.
 
   readers   torch ckpt.pt (formats/ckpt)  llama2.c .bin v0/v1 (formats/llama2c)  HF folder (formats/hf)
-            Meta folder (formats/meta)
-  writers   llama2.c .bin v0-v3   HF folder   torch ckpt.pt (weights only)
+            Meta folder (formats/meta)  GGUF (formats/gguf, every type dequantized)
+  writers   llama2.c .bin v0-v3   HF folder   torch ckpt.pt (weights only)   GGUF F32/F16/Q8_0 (with the tokenizer)
 
 Every reader returns (ModelConfig, Weights) and every writer takes them, so any input converts to
 any output; a hyperparameter the output format cannot hold is refused, never dropped (v0 holds
@@ -25,7 +25,7 @@ from .formats.llama2c import (
 )
 from .quant import BITS_VERSION
 
-TARGETS = ("bin", "hf", "pt")
+TARGETS = ("bin", "hf", "pt", "gguf")
 
 
 def export_bin(path, cfg: ModelConfig, weights: Weights, version: int = 0, inputs=()) -> Path:
@@ -39,16 +39,21 @@ def export_bin(path, cfg: ModelConfig, weights: Weights, version: int = 0, input
     raise CheckpointError(f"unknown .bin version {version}: expected one of {', '.join(map(str, VERSIONS))}")
 
 
-def convert(src, dst, to: str = "bin", version: int = 0, tokenizer=None, seq_len: int | None = None) -> Path:
-    """Convert the model at `src` to `dst` (a .bin or .pt file, or an HF folder).
+def convert(src, dst, to: str = "bin", version: int = 0, tokenizer=None, seq_len: int | None = None,
+            gguf_type: str = "F32") -> Path:
+    """Convert the model at `src` to `dst` (a .bin, .pt or .gguf file, or an HF folder).
 
     With `tokenizer` (a sentencepiece .model or a tokenizer.bin) the tokenizer is written next
     to the model: tokenizer.bin beside a .bin/.pt; inside an HF folder tokenizer.bin and, from a
     .model, the files transformers' AutoTokenizer reads. Everything is checked before anything
     is written: the target, the version, the model, the tokenizer's size.
+    A GGUF (`gguf_type` F32, F16 or Q8_0) carries its tokenizer inside: `tokenizer` (any kind
+    load_tokenizer reads), else the input's own (HF folder, GGUF), else tokenizer.bin beside it.
     """
     if to not in TARGETS:
         raise CheckpointError(f"unknown export target {to!r}: expected one of {', '.join(TARGETS)}")
+    if to == "gguf":
+        return _convert_gguf(src, dst, tokenizer, seq_len, gguf_type)
     if to != "bin" and version != 0:
         raise CheckpointError(f"--version applies to --to bin only, found --to {to} --version {version}")
     if to == "bin" and version not in VERSIONS:
@@ -74,6 +79,27 @@ def convert(src, dst, to: str = "bin", version: int = 0, tokenizer=None, seq_len
         write_tokenizer(vocab, dst if to == "hf" else dst.parent, hf=(to == "hf"), max_length=cfg.seq_len,
                         inputs=inputs)
     return dst
+
+
+def _convert_gguf(src, dst, tokenizer, seq_len, gguf_type: str) -> Path:
+    from .formats import detect_format
+    from .formats.gguf import OUT_TYPES, export_gguf
+    from .tokenizers import load_tokenizer
+    from .tokenizers.gguf import gguf_vocab
+
+    if gguf_type not in OUT_TYPES:
+        raise CheckpointError(f"--gguf-type {gguf_type!r}: expected one of {', '.join(OUT_TYPES)}")
+    cfg, weights = load_model(src, seq_len)
+    if tokenizer is None and detect_format(src) in ("hf", "gguf"):
+        tokenizer = src
+    if tokenizer is None:
+        beside = Path(src).resolve().parent / "tokenizer.bin"
+        if not beside.is_file():
+            raise TokenizerError(f"a GGUF file carries its tokenizer: pass --tokenizer (tokenizer.bin, .model or "
+                                 f"tokenizer.json); none found at {beside}")
+        tokenizer = beside
+    vocab = gguf_vocab(load_tokenizer(tokenizer, cfg.vocab_size))
+    return export_gguf(dst, cfg, weights, vocab, gguf_type, inputs=[src, tokenizer])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +159,15 @@ def quantize_file(src, dst, bits: int = 8, group_size: int | None = None) -> int
     """
     if bits not in BITS_VERSION:
         raise CheckpointError(f"bits must be one of {', '.join(map(str, BITS_VERSION))}, got {bits!r}")
+    from .formats import detect_format, load_for_inference
+
+    if detect_format(src) in ("hf", "gguf"):  # quantized layer by layer at load; GGUF Q8_0 / Q4_0 repacked as they are
+        if group_size is None:
+            loaded = load_for_inference(src, bits, own_tokenizer=False)
+            cfg, weights = loaded.config, loaded.weights
+        else:
+            cfg, weights = load_model(src)
+        return write_quantized_checkpoint(dst, cfg, weights, BITS_VERSION[bits], group_size, inputs=[src])
     ck = load_checkpoint(src)
     if ck.version not in (0, 1):
         raise CheckpointError(f"{src}: is already a quantized v{ck.version} model; quantize from the fp32 (v0/v1) "

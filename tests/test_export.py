@@ -402,8 +402,8 @@ def test_bad_inputs(tmp_path, model, capsys):
     with pytest.raises(CheckpointError, match=r"config.pt: invalid model_config \(n_heads \(3\) must be divisible"):
         load_weights(tmp_path / "config.pt")
 
-    with pytest.raises(CheckpointError, match="unknown export target 'gguf': expected one of bin, hf, pt"):
-        convert(pt, tmp_path / "o", "gguf")
+    with pytest.raises(CheckpointError, match="unknown export target 'onnx': expected one of bin, hf, pt, gguf"):
+        convert(pt, tmp_path / "o", "onnx")
     with pytest.raises(CheckpointError, match="unknown .bin version 7: expected one of 0, 1, 2, 3"):
         convert(pt, tmp_path / "o.bin", "bin", 7)
     assert not (tmp_path / "o.bin").exists()

@@ -5,6 +5,7 @@ and Meta folders (the work is babyllama.convert's).
     babyllama export out/ckpt.pt model_q80.bin --version 2            # int8
     babyllama export model.bin hf_folder --to hf --tokenizer tok512.model
     babyllama export llama3_hf_folder llama3.bin --version 1          # v0 cannot hold theta/eps
+    babyllama export stories15M.bin stories15M.gguf --to gguf --gguf-type Q8_0   # for llama.cpp
 """
 
 from __future__ import annotations
@@ -19,25 +20,27 @@ from . import OneLineParser
 def _parser() -> OneLineParser:
     p = OneLineParser(
         prog="babyllama export",
-        description="Convert a model: torch .pt, llama2.c .bin, Hugging Face folder or Meta folder in; "
-                    ".bin, HF folder or .pt out.",
+        description="Convert a model: torch .pt, llama2.c .bin, Hugging Face folder, Meta folder or GGUF in; "
+                    ".bin, HF folder, .pt or GGUF out.",
     )
-    p.add_argument("input", help="a torch .pt (babyllama train's ckpt.pt), a llama2.c .bin, an HF folder or a "
-                                 "Meta folder")
-    p.add_argument("output", help="a .bin/.pt file, or a folder for --to hf")
+    p.add_argument("input", help="a torch .pt (babyllama train's ckpt.pt), a llama2.c .bin, an HF folder, a "
+                                 "Meta folder or a GGUF file")
+    p.add_argument("output", help="a .bin/.pt/.gguf file, or a folder for --to hf")
     p.add_argument("--to", default="bin", help=f"output format: {', '.join(TARGETS)} (default: bin)")
     p.add_argument("--version", type=int, default=0,
                    help=".bin format version: 0 (run.c's, llama2.c's hyperparameters only), 1 (fp32), 2 (int8), "
                         "3 (int4) (default: 0)")
     p.add_argument("--tokenizer", help="sentencepiece .model or tokenizer.bin to write next to the model")
     p.add_argument("--seq-len", type=int, default=None, help="context length for Meta checkpoints (default 2048)")
+    p.add_argument("--gguf-type", default="F32", choices=["F32", "F16", "Q8_0"],
+                   help="with --to gguf: how matrices are stored (default F32; norms are always F32)")
     return p
 
 
 def main(argv=None) -> int:
     """`babyllama export INPUT OUTPUT ...`; raises BabyLlamaError on bad input."""
     args = _parser().parse_args(argv)
-    out = convert(args.input, args.output, args.to, args.version, args.tokenizer, args.seq_len)
+    out = convert(args.input, args.output, args.to, args.version, args.tokenizer, args.seq_len, args.gguf_type)
     print(f"wrote {out}")
     if args.to == "hf" and args.tokenizer and Path(args.tokenizer).suffix != ".model":
         print("note: transformers' AutoTokenizer needs the sentencepiece .model; only tokenizer.bin was written",

@@ -3,8 +3,10 @@
     babyllama quantize stories15M.bin stories15M_q80.bin              # int8, group size chosen
     babyllama quantize model.bin model_q4.bin --bits 4 --group-size 32
 
-The input is any fp32 llama2.c file (v0 or v1). The group size defaults to the largest size
-<= 64 that divides dim and hidden_dim (and is even, for int4); see quant.py for the formats.
+The input is any fp32 llama2.c file (v0 or v1), a Hugging Face folder (F32/F16/BF16) or a GGUF
+file (a Q8_0 / Q4_0 one becomes v2 / v3 with its own integers and scales, group size 32). The
+group size defaults to the largest size <= 64 that divides dim and hidden_dim (and is even, for
+int4); see quant.py for the formats.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from . import OneLineParser
 def main(argv: list[str] | None = None) -> int:
     """`babyllama quantize INPUT OUTPUT ...`; raises BabyLlamaError on bad input."""
     p = OneLineParser(prog="babyllama quantize", description=__doc__.split("\n\n")[0])
-    p.add_argument("input", type=Path, help="fp32 model .bin (v0 or v1)")
+    p.add_argument("input", type=Path, help="fp32 model .bin (v0 or v1), Hugging Face folder or GGUF file")
     p.add_argument("output", type=Path, help="quantized model to write")
     p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="8 = llama2.c v2 (default), 4 = babyllama v3")
     p.add_argument("--group-size", type=int, default=None,
@@ -29,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     gs = quantize_file(args.input, args.output, args.bits, args.group_size)
-    size_in, size_out = args.input.stat().st_size, args.output.stat().st_size
+    size_in = sum(f.stat().st_size for f in args.input.iterdir()) if args.input.is_dir() else args.input.stat().st_size
+    size_out = args.output.stat().st_size
     print(f"wrote {args.output} (v{BITS_VERSION[args.bits]}, int{args.bits}, group size {gs}): "
           f"{size_out / 1e6:.1f} MB from {size_in / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0

@@ -17,8 +17,12 @@ def run_parser() -> OneLineParser:
         prog="babyllama run",
         description="Generate text with a llama2.c model (run.c's flags and output).",
     )
-    p.add_argument("model", nargs="?", help="model .bin (default: the small model bundled with babyllama)")
-    p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the model, then ./tokenizer.bin)")
+    p.add_argument("model", nargs="?", help="model: a llama2.c .bin, a Hugging Face folder or a GGUF file (default: the "
+                                            "small model bundled with babyllama)")
+    p.add_argument("-z", dest="tokenizer", help="tokenizer.bin, tokenizer.json or .model (default: the HF folder's or "
+                                                "GGUF file's own; for a .bin beside it, then ./tokenizer.bin)")
+    p.add_argument("--quantize", type=int, choices=[8, 4], default=None,
+                   help="quantize a float model at load: 8 = int8, 4 = int4 (GGUF Q8_0 / Q4_0 are repacked, not requantized)")
     p.add_argument("-t", dest="temperature", type=number(float, "-t (temperature)", 0.0), default=1.0,
                    help="temperature in [0, inf); 0 = greedy (default 1.0)")
     p.add_argument("-p", dest="topp", type=number(float, "-p (top-p)", 0.0, 1.0), default=0.9,
@@ -87,7 +91,7 @@ def main(argv: list[str]) -> int:
     set_threads(args.threads)
     from ..api import Model  # numba and the engine load only now
 
-    model = Model.load(args.model, args.tokenizer)
+    model = Model.load(args.model, args.tokenizer, quantize=args.quantize)
     if args.reference:
         from ..reference import ReferenceEngine
 

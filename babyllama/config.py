@@ -3,6 +3,11 @@
 Every hyperparameter a model file can carry lives here (rope_theta, rope_scaling, norm_eps,
 head_dim), so a loader that reads one passes it on and a writer that cannot store one refuses
 (formats/llama2c.py) instead of dropping it.
+
+`arch` picks the block (arch/llama.py, arch/gpt2.py). GPT-2 (Radford et al. 2019) uses the same
+fields with its own meaning and limits: norm_eps is LayerNorm's epsilon, seq_len is n_positions
+(the learned position table), hidden_dim is the MLP width (4 * dim in GPT-2, but any width is
+accepted), and the model has neither RoPE nor grouped-query attention nor an untied classifier.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 
 from .errors import ConfigError
 
-ARCHITECTURES = ("llama",)
+ARCHITECTURES = ("llama", "gpt2")
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,9 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)  # derived, so equal configs compare equal
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-        if self.head_dim % 2:
+        if self.arch == "gpt2":
+            self._check_gpt2()
+        elif self.head_dim % 2:
             raise ConfigError(f"head size must be even for RoPE, got {self.head_dim}")
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
@@ -82,6 +89,20 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", _rope_scaling(self.rope_scaling))
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError(f"rope_scaling must be None or a RopeScaling, got {self.rope_scaling!r}")
+
+    def _check_gpt2(self) -> None:
+        """GPT-2's block has one shape: what a field would change in a Llama it cannot express."""
+        fixed = {
+            "n_kv_heads": (self.n_kv_heads, self.n_heads, "GPT-2 has no grouped-query attention"),
+            "head_dim": (self.head_dim * self.n_heads, self.dim, "GPT-2's heads split dim"),
+            "shared_classifier": (self.shared_classifier, True, "GPT-2 ties its classifier to wte"),
+            "rope_theta": (self.rope_theta, 10000.0, "GPT-2 has no RoPE (learned positions)"),
+            "rope_scaling": (self.rope_scaling, None, "GPT-2 has no RoPE (learned positions)"),
+        }
+        for name, (found, expected, why) in fixed.items():
+            if found != expected:
+                what = "n_heads * head_dim" if name == "head_dim" else name
+                raise ConfigError(f"arch gpt2: {what} must be {expected!r} ({why}), found {found!r}")
 
     @property
     def head_size(self) -> int:
@@ -105,13 +126,16 @@ class ModelConfig:
     def has_llama2c_defaults(self) -> bool:
         """True when run.c's hard-coded values (theta 10000, eps 1e-5, head = dim / heads, no
         scaling) describe this model, i.e. a legacy v0 file can hold it."""
-        return (self.rope_theta == 10000.0 and self.norm_eps == 1e-5 and self.head_dim * self.n_heads == self.dim
-                and self.rope_scaling is None)
+        return (self.arch == "llama" and self.rope_theta == 10000.0 and self.norm_eps == 1e-5
+                and self.head_dim * self.n_heads == self.dim and self.rope_scaling is None)
 
     @property
     def n_params(self) -> int:
         """Number of weights, counting a tied classifier once."""
         d, h, L, kv, q = self.dim, self.hidden_dim, self.n_layers, self.kv_dim, self.q_dim
+        if self.arch == "gpt2":  # + learned positions; per layer: 2 LayerNorms, qkv, proj, fc, proj, with biases
+            per_layer = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (h * d + h) + (d * h + d)
+            return self.vocab_size * d + self.seq_len * d + L * per_layer + 2 * d
         per_layer = 2 * d + q * d + 2 * kv * d + d * q + 3 * h * d
         classifier = 0 if self.shared_classifier else self.vocab_size * d
         return self.vocab_size * d + L * per_layer + d + classifier

@@ -13,13 +13,12 @@ tensors need nothing (llama.cpp's converter already permuted them to the interle
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import CheckpointError
+from .tensors import TensorSet, collect, spread, stored_tensors, torch_parameter_keys  # noqa: F401 (re-exported)
 
 LAYER_TENSORS = ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3")
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -45,15 +44,9 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
-def stored_tensors(cfg: ModelConfig) -> list[str]:
-    """The tensors a file holds: all of them, less wcls when the classifier is tied (the one
-    place that rule is written)."""
-    return [n for n in tensor_shapes(cfg) if not (n == "wcls" and cfg.shared_classifier)]
-
-
 @dataclass(frozen=True)
-class Weights:
-    """fp32 weights of a model. Arrays may be read-only views of a mapped file.
+class Weights(TensorSet):
+    """fp32 weights of a Llama model. Arrays may be read-only views of a mapped file.
 
     wcls is the same array as token_embedding when the classifier is shared.
     """
@@ -70,30 +63,6 @@ class Weights:
     w3: np.ndarray  # (L, hidden, dim)
     rms_final: np.ndarray  # (dim,)
     wcls: np.ndarray  # (vocab, dim)
-
-    def items(self) -> Iterator[tuple[str, np.ndarray]]:
-        for f in fields(self):
-            yield f.name, getattr(self, f.name)
-
-    @classmethod
-    def from_dict(cls, cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> "Weights":
-        """Build from a name -> array mapping, checking every shape against the config."""
-        tensors = dict(tensors)
-        if cfg.shared_classifier:
-            tensors["wcls"] = tensors.get("token_embedding")
-        shapes = tensor_shapes(cfg)
-        missing = [n for n in shapes if tensors.get(n) is None]
-        if missing:
-            raise CheckpointError(f"missing tensors: {', '.join(missing)}")
-        out = {}
-        for name, shape in shapes.items():
-            arr = np.asarray(tensors[name])
-            if arr.shape != shape:
-                raise CheckpointError(f"tensor {name}: expected shape {shape}, found {arr.shape}")
-            out[name] = arr if arr.dtype == np.float32 else arr.astype(np.float32)
-        if cfg.shared_classifier:
-            out["wcls"] = out["token_embedding"]
-        return cls(**out)
 
 
 # llama2.c name -> key in each format; "{i}" marks a per-layer tensor.
@@ -174,48 +143,9 @@ def permute_from_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, hs // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
-def collect(get, names: dict[str, str], cfg: ModelConfig, where: str, transforms: dict | None = None) -> Weights:
-    """Gather tensors named by `names` (a format's table above) into Weights, stacking per-layer
-    ones, checking every shape against cfg. get(key) returns an array or None when absent."""
-    transforms = transforms or {}
-    shapes = tensor_shapes(cfg)
-    tensors, missing = {}, []
-    for name in stored_tensors(cfg):
-        key = names[name]
-        per_layer = "{i}" in key
-        keys = [key.format(i=i) for i in range(cfg.n_layers)] if per_layer else [key]
-        want = shapes[name][1:] if per_layer else shapes[name]
-        parts = []
-        for k in keys:
-            arr = get(k)
-            if arr is None:
-                missing.append(k)
-                continue
-            if tuple(arr.shape) != want:
-                raise CheckpointError(f"{where}: tensor {k}: expected shape {want} from the config, found {tuple(arr.shape)}")
-            parts.append(transforms[name](arr) if name in transforms else arr)
-        if not missing:
-            tensors[name] = np.stack(parts) if per_layer else parts[0]
-    if missing:
-        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-        raise CheckpointError(f"{where}: missing tensors: expected {', '.join(missing[:4])}{more}, not found")
-    return Weights.from_dict(cfg, tensors)
-
-
-def spread(cfg: ModelConfig, weights: Weights, names: dict[str, str], transforms: dict | None = None) -> dict:
-    """The inverse of collect: one contiguous float32 array (a copy) per key of `names`."""
-    transforms = transforms or {}
-    out = {}
-    for name in stored_tensors(cfg):
-        key = names[name]
-        arr = getattr(weights, name)
-        f = transforms.get(name, lambda a: a)
-        if "{i}" in key:
-            for i in range(cfg.n_layers):
-                out[key.format(i=i)] = np.array(f(arr[i]), dtype=np.float32, order="C")
-        else:
-            out[key] = np.array(f(arr), dtype=np.float32, order="C")
-    return out
+def torch_parameters(cfg: ModelConfig) -> list[str]:
+    """training/model.py's Transformer.parameters() as state_dict keys, in order."""
+    return torch_parameter_keys(cfg, TORCH_NAMES, LAYER_TENSORS)
 
 
 def hf_transforms(cfg: ModelConfig, to_hf: bool) -> dict:

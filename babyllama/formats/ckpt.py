@@ -1,11 +1,12 @@
 """The trainer's checkpoint (out_dir/ckpt.pt): its schema, written and read, validated, and its
-torch state_dict converted to and from arch.llama.Weights.
+torch state_dict converted to and from the architecture's Weights (arch.llama, arch.gpt2).
 
 A ckpt.pt is a torch.save'd dict:
   format        "babyllama-train" (CKPT_FORMAT)
   version       1 (CKPT_VERSION)
-  model         the torch Transformer's state_dict (training/model.py; arch.llama.TORCH_NAMES)
-  model_config  ModelConfig.to_dict()
+  model         the torch model's state_dict (training/model.py, training/gpt2_model.py; the
+                arch module's TORCH_NAMES)
+  model_config  ModelConfig.to_dict(), whose `arch` says which architecture the weights are
 and, in a checkpoint `babyllama train --resume` can continue (TRAIN_KEYS): optimizer, scaler,
 train_config, iter_num, best_val_loss, world_size, rng_states. `babyllama export --to pt` writes
 the first four only: weights without training state.
@@ -22,7 +23,8 @@ from typing import Mapping
 
 import numpy as np
 
-from ..arch.llama import TORCH_NAMES, Weights, collect, spread
+from ..arch import module as arch_module
+from ..arch.tensors import collect, spread
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_write, regular_file_size
@@ -78,8 +80,8 @@ def to_numpy(t) -> np.ndarray:
     return np.array(t, dtype=np.float32, copy=True)
 
 
-def state_dict_to_weights(state_dict: Mapping, cfg: ModelConfig, where: str = "state_dict") -> Weights:
-    """babyllama's torch state_dict (optionally torch.compile/DDP-wrapped) -> Weights."""
+def state_dict_to_weights(state_dict: Mapping, cfg: ModelConfig, where: str = "state_dict"):
+    """babyllama's torch state_dict (optionally torch.compile/DDP-wrapped) -> the arch's Weights."""
     clean = {}
     for key, value in state_dict.items():
         stripped = True
@@ -89,13 +91,14 @@ def state_dict_to_weights(state_dict: Mapping, cfg: ModelConfig, where: str = "s
                 if key.startswith(prefix):
                     key, stripped = key[len(prefix):], True
         clean[key] = value
-    return collect(lambda k: to_numpy(clean[k]) if k in clean else None, TORCH_NAMES, cfg, where)
+    names = arch_module(cfg.arch).TORCH_NAMES
+    return collect(lambda k: to_numpy(clean[k]) if k in clean else None, names, cfg, where)
 
 
-def weights_to_state_dict(cfg: ModelConfig, weights: Weights) -> dict:
+def weights_to_state_dict(cfg: ModelConfig, weights) -> dict:
     """Weights -> babyllama's torch state_dict (fresh tensors; wcls is token_embedding when tied)."""
     torch = _torch()
-    sd = {k: torch.from_numpy(v) for k, v in spread(cfg, weights, TORCH_NAMES).items()}
+    sd = {k: torch.from_numpy(v) for k, v in spread(cfg, weights, arch_module(cfg.arch).TORCH_NAMES).items()}
     if cfg.shared_classifier:
         sd["wcls.weight"] = sd["token_embedding.weight"]
     return sd
@@ -117,7 +120,7 @@ def save_train_checkpoint(path, cfg: ModelConfig, model_state: Mapping, *, optim
     }, inputs)
 
 
-def save_weights(path, cfg: ModelConfig, weights: Weights, inputs=()) -> Path:
+def save_weights(path, cfg: ModelConfig, weights, inputs=()) -> Path:
     """Write weights as a ckpt.pt without training state (`babyllama export --to pt`)."""
     return _save(path, {"format": CKPT_FORMAT, "version": CKPT_VERSION, "model": weights_to_state_dict(cfg, weights),
                         "model_config": cfg.to_dict()}, inputs)
@@ -148,8 +151,8 @@ def load_train_checkpoint(path, resumable: bool = True) -> dict:
     return ckpt
 
 
-def load_weights(path) -> tuple[ModelConfig, Weights]:
-    """(config, fp32 Weights) of a ckpt.pt, validated as load_train_checkpoint does."""
+def load_weights(path) -> tuple[ModelConfig, object]:
+    """(config, fp32 Weights of its architecture) of a ckpt.pt, validated as load_train_checkpoint does."""
     ckpt = load_train_checkpoint(path, resumable=False)
     cfg = ckpt["model_config"]
     return cfg, state_dict_to_weights(ckpt["model"], cfg, str(path))

@@ -267,6 +267,12 @@ def _check_v0_can_hold(cfg: ModelConfig) -> None:
         )
 
 
+def _check_llama(cfg: ModelConfig) -> None:
+    if cfg.arch != "llama":  # the tensors of a .bin are the Llama block's
+        raise CheckpointError(f"a llama2.c .bin holds a Llama model; this one is {cfg.arch!r} "
+                              "(keep it as a torch checkpoint: --to pt)")
+
+
 def _write_f32(f, arr: np.ndarray) -> None:
     f.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
 
@@ -276,6 +282,7 @@ def write_checkpoint(path, cfg: ModelConfig, weights: Weights, version: int = 0,
     output must not be (fileio.check_output)."""
     if version not in (0, 1):
         raise CheckpointError(f"write_checkpoint writes fp32 versions 0 and 1, not {version}")
+    _check_llama(cfg)
     if not isinstance(weights, Weights):
         weights = Weights.from_dict(cfg, dict(weights))
     if version == 0:
@@ -309,6 +316,7 @@ def write_quantized_checkpoint(path, cfg: ModelConfig, weights: Weights, version
     Already quantized QuantWeights of the version's bits (a repacked GGUF Q8_0 / Q4_0) are
     written as they are, with their own group size.
     """
+    _check_llama(cfg)
     from ..quant import VERSION_BITS, QuantWeights, check_group_size, choose_group_size, quantize
 
     if version not in VERSION_BITS:

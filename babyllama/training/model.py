@@ -23,8 +23,27 @@ from ..arch.llama import Weights
 from ..config import ModelConfig
 from ..errors import GenerationError
 from ..formats.ckpt import state_dict_to_weights, weights_to_state_dict
+from .rope import rope_tables
 
 INIT_STD = 0.02  # GPT-2 / llama2.c initialisation scale
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, residual: tuple[str, ...]) -> None:
+    """GPT-2's initialisation, as llama2.c uses it: N(0, 0.02) for matrices and embeddings, the
+    projections that write into the residual stream (names ending in `residual`) at
+    0.02 / sqrt(2 n_layers) so the stream's variance does not grow with depth (Radford et al.
+    2019), norm gains 1, biases 0."""
+    residual_std = INIT_STD / math.sqrt(2 * model.cfg.n_layers)
+    for name, p in model.named_parameters():  # a tied classifier is listed once
+        if name.endswith(residual):
+            nn.init.normal_(p, mean=0.0, std=residual_std)
+        elif p.dim() == 2:
+            nn.init.normal_(p, mean=0.0, std=INIT_STD)
+        elif name.endswith(".bias"):
+            nn.init.zeros_(p)
+        else:
+            nn.init.ones_(p)
 
 
 class RMSNorm(nn.Module):
@@ -43,24 +62,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the RoPE angles, each (seq_len, head_size / 2).
-
-    Pair i of every head at position pos is rotated by pos * theta^(-2i / head_size)
-    (Su et al. 2021, "RoFormer"), exactly as run.c computes it per position; with rope_scaling,
-    Llama 3.1's rescaled frequencies (Meta's apply_scaling, as the engine's rope_table).
-    """
-    hs = cfg.head_size
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float64) / hs))
-    s = cfg.rope_scaling
-    if s is not None:
-        wavelen = 2 * math.pi / inv_freq
-        orig = s.original_max_position_embeddings
-        smooth = (orig / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-        ramp = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > orig / s.low_freq_factor, inv_freq / s.factor,  # long: slowed down
-                               torch.where(wavelen >= orig / s.high_freq_factor, ramp, inv_freq))  # short: kept
-    angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float64), inv_freq)
-    return torch.cos(angles).float(), torch.sin(angles).float()
+    """cos and sin of the RoPE angles, each (seq_len, head_size / 2) float32 (training/rope.py)."""
+    cos, sin = rope_tables(cfg)
+    return torch.from_numpy(cos), torch.from_numpy(sin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -163,19 +167,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """llama2.c / GPT-2 initialisation: N(0, 0.02) everywhere, RMSNorm weights 1, and the two
-        projections that write into the residual stream (wo, w3) scaled by 1/sqrt(2 n_layers) so
-        the stream's variance does not grow with depth (Radford et al. 2019)."""
-        residual_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)
-        for name, p in self.named_parameters():  # a tied classifier is listed once
-            if name.endswith(("wo.weight", "w3.weight")):
-                nn.init.normal_(p, mean=0.0, std=residual_std)
-            elif p.dim() == 2:
-                nn.init.normal_(p, mean=0.0, std=INIT_STD)
-            else:
-                nn.init.ones_(p)
+        """llama2.c's initialisation (init_parameters), with wo and w3 as the residual projections
+        (llama2.c scales w3, not w2)."""
+        init_parameters(self, ("wo.weight", "w3.weight"))
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
         """tokens (B, T) int64 -> (logits, loss).
@@ -278,3 +273,12 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def build_model(cfg: ModelConfig, dropout: float = 0.0) -> nn.Module:
+    """The torch model of a config's architecture: Transformer (Llama) or gpt2_model.GPT2."""
+    if cfg.arch == "gpt2":
+        from .gpt2_model import GPT2
+
+        return GPT2(cfg, dropout)
+    return Transformer(cfg, dropout)

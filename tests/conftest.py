@@ -51,6 +51,17 @@ def random_weights(cfg, seed: int = 0, scale: float = 0.05) -> dict:
     return make(cfg, seed, scale)
 
 
+@pytest.fixture(scope="session")
+def excerpt_shards(tmp_path_factory):
+    """The TinyStories excerpt, tokenized with the 512-token vocabulary into train/val shards
+    (shared by the trainers' tests; skips without ../shared/data)."""
+    from babyllama.data import pretokenize
+
+    out = tmp_path_factory.mktemp("tok512")
+    pretokenize(shared_file("tok512.model"), shared_file("tinystories_excerpt.txt"), out, val_fraction=0.05, workers=1)
+    return out
+
+
 @pytest.fixture
 def tiny_config():
     from babyllama.config import ModelConfig

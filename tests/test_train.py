@@ -14,7 +14,7 @@ pytest.importorskip("sentencepiece")
 from babyllama.cli.train import main as train_main  # noqa: E402
 from babyllama.errors import BabyLlamaError, CheckpointError, OutputError, TrainError  # noqa: E402
 from babyllama.training import TrainConfig, lr_at, parse_config  # noqa: E402
-from babyllama.training.torch_loop import _Interrupts  # noqa: E402
+from babyllama.training.loop import Interrupts  # noqa: E402
 from conftest import ROOT, shared_file  # noqa: E402
 
 torch.set_num_threads(1)
@@ -26,13 +26,8 @@ TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2",
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """The TinyStories excerpt, tokenized with the 512-token vocabulary into train/val shards."""
-    from babyllama.data import pretokenize
-
-    out = tmp_path_factory.mktemp("tok512")
-    pretokenize(shared_file("tok512.model"), shared_file("tinystories_excerpt.txt"), out, val_fraction=0.05, workers=1)
-    return out
+def shards(excerpt_shards):
+    return excerpt_shards
 
 
 def run(shards, out_dir, *flags) -> int:
@@ -60,10 +55,11 @@ def assert_same_state(a, b):
             assert torch.equal(sa[p][k], sb[p][k]), (p, k)
 
 
-def test_loss_falls_on_real_text(shards, tmp_path, capsys):
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_loss_falls_on_real_text(shards, tmp_path, capsys, backend):
     out = tmp_path / "out"
     assert run(shards, out, "--dim", "64", "--seq_len", "64", "--batch_size", "16", "--max_iters", "120",
-               "--eval_interval", "60", "--log_interval", "20") == 0
+               "--eval_interval", "60", "--log_interval", "20", "--backend", backend) == 0
     start = events(out, "eval")[0]
     assert start["iter"] == 0 and abs(start["val_loss"] - 6.24) < 0.2  # ln(512) = 6.24 before training
     train_losses = [e["loss"] for e in events(out, "train")]
@@ -74,6 +70,7 @@ def test_loss_falls_on_real_text(shards, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) in (["ckpt.pt", "metrics.jsonl"], ["ckpt.pt", "loss.png", "metrics.jsonl"])
     printed = capsys.readouterr().out
     assert "iter 120/120 | loss" in printed and "tok/s" in printed and "ETA" in printed
+    assert f"backend: {backend} (--backend {backend})" in printed
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +145,7 @@ def test_signal_during_an_update_waits_for_the_update_to_finish(sig):
     previous = signal.signal(signal.SIGTERM, _sigterm)  # as `babyllama` runs: SIGTERM is Ctrl-C
     try:
         steps = []
-        with _Interrupts() as interrupts:
+        with Interrupts() as interrupts:
             with pytest.raises(KeyboardInterrupt):
                 with interrupts.update():
                     os.kill(os.getpid(), sig)
@@ -169,7 +166,8 @@ def test_resume_with_a_different_model_names_the_fields(shards, straight_run):
 
 
 def test_two_processes_under_torchrun_match_one(shards, tmp_path):
-    flags = ["--data_dir", str(shards), *TINY, "--max_iters", "5", "--grad_accum", "2", "--eval_interval", "5"]
+    flags = ["--data_dir", str(shards), *TINY, "--max_iters", "5", "--grad_accum", "2", "--eval_interval", "5",
+             "--backend", "torch"]
     one = tmp_path / "one"
     assert train_main([*flags, "--out_dir", str(one)]) == 0
     two = tmp_path / "two"

@@ -308,16 +308,22 @@ class TokenWindows:
         rng = np.random.default_rng((self.seed, step))
         return rng.integers(0, self._n_starts, size=self.batch_size, dtype=np.int64)
 
-    def batch(self, step: int):
-        """(x, y): int64 torch tensors (batch_size // world_size, seq_len); y is x shifted by one."""
-        import torch  # lazily: data preparation works without torch
-
+    def batch_numpy(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y): int64 arrays (batch_size // world_size, seq_len); y is x shifted by one. What
+        the torch-free trainer (training/grad) reads; `batch` is the same as torch tensors."""
         lo = self.rank * self.local_batch_size
         starts = self.global_starts(step)[lo : lo + self.local_batch_size]
         shard = np.searchsorted(self._ends, starts, side="right")
         offsets = starts - self._firsts[shard]
         rows = np.stack([self._shards[s][o : o + self.seq_len + 1] for s, o in zip(shard, offsets)]).astype(np.int64)
-        return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+        return rows[:, :-1].copy(), rows[:, 1:].copy()
+
+    def batch(self, step: int):
+        """(x, y): int64 torch tensors (batch_size // world_size, seq_len); y is x shifted by one."""
+        import torch  # lazily: data preparation works without torch
+
+        x, y = self.batch_numpy(step)
+        return torch.from_numpy(x), torch.from_numpy(y)
 
     def __repr__(self) -> str:
         return (f"TokenWindows({str(self.data_dir)!r}, {self.split!r}, seq_len={self.seq_len}, "

@@ -1,5 +1,5 @@
 """A training run's settings: the TrainConfig dataclass, its flags and TOML file, their checks,
-the ModelConfig it asks for, and the learning-rate schedule. No torch here.
+the ModelConfig it asks for, the backend that runs it, and the learning-rate schedule. No torch here.
 
 Every TrainConfig field is a `--flag` (also spelled with dashes) and a TOML key; precedence is
 defaults < the resumed checkpoint's settings < TOML < flags. `batch_size` is the GLOBAL number
@@ -14,12 +14,13 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
-from ..config import ModelConfig, llama_hidden_dim
+from ..config import ARCHITECTURES, ModelConfig, llama_hidden_dim
 from ..errors import TrainError
 
 # --dtype spellings -> torch dtype names (torch_loop resolves them)
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
+BACKENDS = ("auto", "torch", "numba")
 
 
 def _knob(default, help: str):
@@ -34,12 +35,14 @@ class TrainConfig:
     data_dir: str = _knob("data/tok512", "pretokenized shards + meta.json (vocab_size comes from there)")
     out_dir: str = _knob("out", "where ckpt.pt, metrics.jsonl and loss.png go")
     # model shape
+    arch: str = _knob("llama", f"architecture: {', '.join(ARCHITECTURES)} (gpt2: learned positions, LayerNorm, "
+                               "GELU, biases, tied classifier)")
     dim: int = _knob(288, "width of the residual stream")
     n_layers: int = _knob(6, "transformer blocks")
     n_heads: int = _knob(6, "query heads")
     n_kv_heads: int = _knob(0, "key/value heads; 0: same as n_heads (grouped-query attention when fewer)")
     multiple_of: int = _knob(32, "SwiGLU width rounding, used when hidden_dim is 0")
-    hidden_dim: int = _knob(0, "SwiGLU width; 0: 2/3 of 4*dim rounded up to multiple_of")
+    hidden_dim: int = _knob(0, "feed-forward width; 0: 2/3 of 4*dim rounded up to multiple_of (llama), 4*dim (gpt2)")
     seq_len: int = _knob(256, "context length")
     shared_classifier: bool = _knob(True, "tie the output classifier to the token embedding")
     dropout: float = _knob(0.0, "dropout probability while training")
@@ -62,6 +65,9 @@ class TrainConfig:
     always_save_checkpoint: bool = _knob(True, "checkpoint at every evaluation; off: only when val loss improves")
     resume: bool = _knob(False, "continue from out_dir/ckpt.pt (unset settings come from it)")
     # system
+    backend: str = _knob("auto", "torch (autograd), numba (hand-written forward and backward, CPU, float32, no "
+                                 "dropout, one process) or auto (numba where it can run the settings on a CPU, "
+                                 "else torch)")
     seed: int = _knob(1337, "seed of weights, batches and dropout")
     device: str = _knob("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: str = _knob("auto", "auto (bf16, or fp16 without bf16 support, on CUDA; fp32 elsewhere), "
@@ -161,13 +167,53 @@ def validate(tc: TrainConfig, world_size: int = 1) -> None:
         )
     if tc.dtype not in ("auto", *DTYPES):
         raise TrainError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {tc.dtype!r}")
+    if tc.arch not in ARCHITECTURES:
+        raise TrainError(f"--arch must be one of {', '.join(ARCHITECTURES)}; got {tc.arch!r}")
+    if tc.backend not in BACKENDS:
+        raise TrainError(f"--backend must be one of {', '.join(BACKENDS)}; got {tc.backend!r}")
+
+
+def numba_obstacle(tc: TrainConfig, world_size: int, cuda_available: bool) -> str | None:
+    """Why the hand-written backend cannot run these settings (a flag and its value), or None."""
+    if world_size > 1:
+        return f"{world_size} processes (torchrun)"
+    if tc.device != "cpu" and not (tc.device == "auto" and not cuda_available):
+        return f"--device {tc.device}" + (" (a GPU is present)" if tc.device == "auto" else "")
+    if tc.dtype not in ("auto", "float32", "fp32"):
+        return f"--dtype {tc.dtype}"
+    if tc.dropout > 0:
+        return f"--dropout {tc.dropout}"
+    if tc.compile:
+        return "--compile"
+    return None
+
+
+def choose_backend(tc: TrainConfig, world_size: int, cuda_available: bool) -> tuple[str, str]:
+    """(backend, why) for a run: --backend as given, or for auto the hand-written one wherever
+    it can run the settings (one process on the CPU, float32, no dropout, no torch.compile),
+    because there it trains several times faster than torch (README: Training without autograd),
+    and torch otherwise (a GPU, DDP, mixed precision, dropout). TrainError when --backend numba
+    is asked for settings it cannot run."""
+    obstacle = numba_obstacle(tc, world_size, cuda_available)
+    if tc.backend == "numba":
+        if obstacle is not None:
+            raise TrainError(f"--backend numba trains one process on the CPU in float32 without dropout or "
+                             f"torch.compile; {obstacle} needs --backend torch")
+        return "numba", "--backend numba"
+    if tc.backend == "torch":
+        return "torch", "--backend torch"
+    if obstacle is not None:
+        return "torch", f"auto: {obstacle} needs torch"
+    return "numba", "auto: one process on the CPU"
 
 
 def model_config(tc: TrainConfig, vocab_size: int) -> ModelConfig:
     """The ModelConfig a TrainConfig asks for (ConfigError if the shape is impossible)."""
+    default_hidden = 4 * tc.dim if tc.arch == "gpt2" else llama_hidden_dim(tc.dim, tc.multiple_of)
     return ModelConfig(
+        arch=tc.arch,
         dim=tc.dim,
-        hidden_dim=tc.hidden_dim or llama_hidden_dim(tc.dim, tc.multiple_of),
+        hidden_dim=tc.hidden_dim or default_hidden,
         n_layers=tc.n_layers,
         n_heads=tc.n_heads,
         n_kv_heads=tc.n_kv_heads or tc.n_heads,

@@ -127,7 +127,8 @@ def test_quantize_uses_gcc_inline_round_and_reciprocal():
     gs = 8
     xq = np.empty(4096, np.int8)
     xs = np.empty(4096 // gs, F32)
-    quantize_activations(xq, 0, xs, 0, x[None], 0, gs)
+    xsum = np.empty(4096 // gs, np.int32)
+    quantize_activations(xq, 0, xs, 0, xsum, x[None], 0, gs)
     g = x.reshape(-1, gs)
     wmax = np.abs(g).max(axis=1)
     assert np.array_equal(xs, (wmax * F32(1 / 127)).astype(F32))
@@ -137,6 +138,7 @@ def test_quantize_uses_gcc_inline_round_and_reciprocal():
     want = np.where(wmax[:, None] > 0, np.trunc(np.nan_to_num(r)), 0).astype(np.int8).reshape(-1)
     assert np.array_equal(xq, want)
     assert np.abs(xq).max() == 127
+    assert np.array_equal(xsum, xq.astype(np.int32).reshape(-1, gs).sum(axis=1))  # the VNNI kernels' group sums
 
 
 def test_exact_primitives_where_the_cpu_has_them():

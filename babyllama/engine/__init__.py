@@ -68,12 +68,8 @@ class Engine:
         self.rope_cos, self.rope_sin = rope_tables(cfg)
         w = weights
         if self.quantized:
-            from .qgemm import weight_sums
-
             def m(q):
-                sums = weight_sums(q.data, q.offsets, q.rows, q.cols, q.group_size) if q.bits == 8 \
-                    else np.zeros(0, np.int32)
-                return (q.data, q.offsets, q.scales.reshape(-1), sums)
+                return (q.data, q.offsets, q.scales.reshape(-1))
 
             self._w = tuple(LlamaWeights(m(w.token_embedding), w.rms_att, m(w.wq), m(w.wk), m(w.wv), m(w.wo),
                                          w.rms_ffn, m(w.w1), m(w.w2), m(w.w3), w.rms_final[None], m(w.wcls)))

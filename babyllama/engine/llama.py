@@ -28,13 +28,13 @@ from .state import PAGE, Scratch
 # the dispatcher ~2 us more per call than a plain tuple: typed in Python, not C).
 # The weights, with the same names as everywhere else. fp32: float32 arrays, layer matrices
 # (L, rows, cols), rms_final (1, dim), wcls (1, vocab, dim). Quantized: norms the same; each
-# matrix kind a tuple (data, offsets, scales, wsum): quant.QuantMatrix's arrays, scales flat, and
-# for int8 the group sums the batched kernel needs (qgemm.weight_sums; empty for int4).
+# matrix kind a tuple (data, offsets, scales): quant.QuantMatrix's arrays, the scales flat.
 LlamaWeights = namedtuple("LlamaWeights", "token_embedding rms_att wq wk wv wo rms_ffn w1 w2 w3 rms_final wcls")
 Params = namedtuple("Params", "n_heads eps parallel blocked gs bits rope_cos rope_sin")
 # Quantized activations of one stream (dim-sized, or hidden-sized), flat: row t's values at
-# xq[t * xq_row:], its scales at xs[t * xs_row:]; xt, xst: the same rows laid out for qgemm.
-Acts = namedtuple("Acts", "xq xq_row xs xs_row xt xst")
+# xq[t * xq_row:], its scales and group sums at xs / xsum[t * xs_row:]; xt, xst, xsumt: the same
+# rows laid out for qgemm.
+Acts = namedtuple("Acts", "xq xq_row xs xs_row xsum xt xst xsumt")
 QGEMM_MIN_ROWS = 4  # from this many rows on, quantized matmuls take qgemm's 16-token tiles
 
 
@@ -54,7 +54,7 @@ def embed(x, t, w, token, p):
 def _embed(x, t, w, token, p):
     if _is_quantized(w):
         def impl(x, t, w, token, p):
-            data, offsets, scales, _ = w
+            data, offsets, scales = w
             dequantize_row(x, t, data, offsets[0], scales, token, p.gs, p.bits)  # runq's dequantized table
     else:
         def impl(x, t, w, token, p):
@@ -72,8 +72,8 @@ def _batched(T, p):
 @njit(**JIT)
 def _qgemm(out, w, l, x, T, a, p):
     """qgemm of rows x[:T] (prepared in a) by quantized matrix l of kind w."""
-    data, offsets, scales, wsum = w
-    qgemm(out, T, data, offsets, scales, wsum, l, a.xt, a.xst, x.shape[1], p.gs, p.bits, p.parallel)
+    data, offsets, scales = w
+    qgemm(out, T, data, offsets, scales, l, a.xt, a.xst, a.xsumt, x.shape[1], p.gs, p.bits, p.parallel)
 
 
 def prepare(w, x, T, a, p):
@@ -87,9 +87,9 @@ def _prepare(w, x, T, a, p):
     if _is_quantized(w):
         def impl(w, x, T, a, p):
             for t in range(T):
-                quantize_activations(a.xq, t * a.xq_row, a.xs, t * a.xs_row, x, t, p.gs)
+                quantize_activations(a.xq, t * a.xq_row, a.xs, t * a.xs_row, a.xsum, x, t, p.gs)
             if _batched(T, p):
-                transpose_block(a.xt, a.xst, a.xq, a.xq_row, a.xs, a.xs_row, T, x.shape[1], p.gs, p.bits)
+                transpose_block(a.xt, a.xst, a.xsumt, a.xq, a.xq_row, a.xs, a.xsum, a.xs_row, T, x.shape[1], p.gs)
     else:
         def impl(w, x, T, a, p):
             pass
@@ -104,14 +104,14 @@ def linear(out, w, l, x, T, a, p):
 def _linear(out, w, l, x, T, a, p):
     if _is_quantized(w):
         def impl(out, w, l, x, T, a, p):
-            data, offsets, scales, wsum = w
+            data, offsets, scales = w
             n = x.shape[1]
             if _batched(T, p):
                 _qgemm(out, w, l, x, T, a, p)
             else:
                 for t in range(T):
-                    qmatmul(out, t, data, offsets, scales, l, a.xq, t * a.xq_row, a.xs, t * a.xs_row, n, p.gs, p.bits,
-                            p.parallel)
+                    qmatmul(out, t, data, offsets, scales, l, a.xq, t * a.xq_row, a.xs, t * a.xs_row, a.xsum, n, p.gs,
+                            p.bits, p.parallel)
     else:
         def impl(out, w, l, x, T, a, p):
             if T == 1:  # decode: one pass over the weights, memory-bound
@@ -134,8 +134,8 @@ def _linear2(o1, o3, w1, w3, l, x, T, a, p):
                 _qgemm(o3, w3, l, x, T, a, p)
             else:
                 for t in range(T):
-                    qmatmul2(o1, o3, t, w1, w3, l, a.xq, t * a.xq_row, a.xs, t * a.xs_row, x.shape[1], p.gs, p.bits,
-                             p.parallel)
+                    qmatmul2(o1, o3, t, w1, w3, l, a.xq, t * a.xq_row, a.xs, t * a.xs_row, a.xsum, x.shape[1], p.gs,
+                             p.bits, p.parallel)
     else:
         def impl(o1, o3, w1, w3, l, x, T, a, p):
             if T == 1:
@@ -159,8 +159,8 @@ def _linear3(q, k, v, wq, wk, wv, l, x, T, a, p):
                 _qgemm(v, wv, l, x, T, a, p)
             else:
                 for t in range(T):
-                    qmatmul3(q, k, v, t, wq, wk, wv, l, a.xq, t * a.xq_row, a.xs, t * a.xs_row, x.shape[1], p.gs,
-                             p.bits, p.parallel)
+                    qmatmul3(q, k, v, t, wq, wk, wv, l, a.xq, t * a.xq_row, a.xs, t * a.xs_row, a.xsum, x.shape[1],
+                             p.gs, p.bits, p.parallel)
     else:
         def impl(q, k, v, wq, wk, wv, l, x, T, a, p):
             if T == 1:
@@ -195,8 +195,10 @@ def forward(tokens, positions, slots, T, logit_rows, logits, weights, cache, scr
     n_layers = w.rms_att.shape[0]
     n_kv_heads, head_size = key_pages.shape[2], key_pages.shape[3]
     # quantized activations, flat: dim-sized rows (ax) and hidden-sized rows (ah)
-    ax = Acts(s.xq.reshape(s.xq.size), s.xq.shape[1], s.xs.reshape(s.xs.size), s.xs.shape[1], s.xt, s.xst)
-    ah = Acts(s.hq.reshape(s.hq.size), s.hq.shape[1], s.hs.reshape(s.hs.size), s.hs.shape[1], s.xt, s.xst)
+    ax = Acts(s.xq.reshape(s.xq.size), s.xq.shape[1], s.xs.reshape(s.xs.size), s.xs.shape[1],
+              s.xsum.reshape(s.xsum.size), s.xt, s.xst, s.xsumt)
+    ah = Acts(s.hq.reshape(s.hq.size), s.hq.shape[1], s.hs.reshape(s.hs.size), s.hs.shape[1],
+              s.hsum.reshape(s.hsum.size), s.xt, s.xst, s.xsumt)
     att_row = PAGE * block_table.shape[1]  # one head's scores in s.att
     for t in range(T):
         embed(s.x, t, w.token_embedding, tokens[t], p)  # (dim,)

@@ -12,14 +12,10 @@ weight values broadcast to every lane. After a group the 16 lanes are 16 tokens'
 with no horizontal reduction; the float part then runs lane-wise, group after group, with the
 same roundings as the one-token kernels. So a batch gives each token exactly its decode bits.
 
-vpdpbusd multiplies unsigned by signed bytes:
-- int8 (signed weights w, signed activations x): the transposed activations are stored as
-  x + 128 (unsigned), so the instruction sums (x + 128) * w; subtracting 128 * sum(w) over the
-  group (per weight row and group: `weight_sums`, computed once at load) leaves sum(x * w).
-- int4 (v3 stores each value q as the nibble q + 8, unsigned): the nibbles are broadcast as they
-  are against the signed activations, and 8 * sum(x) (one more vpdpbusd per step, shared by all
-  rows) is subtracted, as qkernels.row_q4 does.
-Every partial sum fits int32 (|64 * 255 * 127| < 2**31), so the result is the plain loop's.
+vpdpbusd multiplies unsigned by signed bytes, so the weights are made unsigned as they are
+broadcast, as in qrows.py: int8 w + 128 (an XOR), int4 the nibbles q + 8 as stored, and 128 * sum(x)
+or 8 * sum(x) over the group (qkernels.quantize_activations' group sums, transposed with the
+activations) is taken off. Every partial sum fits int32, so the result is the plain loop's.
 Without AVX-512 VNNI the same IR computes vpdpbusd's lanes with plain vector operations.
 """
 
@@ -30,7 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..simd.jit import JIT
-from .q4kernels import _dpbusd
+from .qrows import dpbusd, has_vnni
 
 LANES = 16  # tokens per block: the int32 lanes of a 512-bit vector
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
@@ -49,22 +45,22 @@ def _splat(builder, value, vt):
     return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, vt.count), [0] * vt.count))
 
 
-_ARGS = ("out", "oo", "ostride", "count", "data", "wbase", "wstride", "wsum", "wsbase", "scales", "sbase", "xt",
-         "xtbase", "xst", "xsbase", "ngroups", "gs")
+_ARGS = ("out", "oo", "ostride", "count", "data", "wbase", "wstride", "scales", "sbase", "xt", "xtbase", "xst",
+         "xsumt", "xsbase", "ngroups", "gs")
 
 
 def _qtile(R: int, bits: int):
-    """An intrinsic tile(out, oo, ostride, count, data, wbase, wstride, wsum, wsbase, scales, sbase,
-    xt, xtbase, xst, xsbase, ngroups, gs): R consecutive rows of one quantized matrix (row r's
-    values at data[wbase + r * wstride], its scales at scales[sbase + r * ngroups], int8 only: its
-    group sums at wsum[wsbase + r * ngroups]) times one block of 16 transposed tokens (xt[xtbase:],
-    xst[xsbase:]), into out[oo + c * ostride + r] for the block's first `count` tokens c."""
+    """An intrinsic tile(out, oo, ostride, count, data, wbase, wstride, scales, sbase, xt, xtbase,
+    xst, xsumt, xsbase, ngroups, gs): R consecutive rows of one quantized matrix (row r's values at
+    data[wbase + r * wstride], its scales at scales[sbase + r * ngroups]) times one block of 16
+    transposed tokens (values xt[xtbase:], scales xst[xsbase:], group sums xsumt[xsbase:]), into
+    out[oo + c * ostride + r] for the block's first `count` tokens c."""
 
     @intrinsic
-    def tile(typingctx, out, oo, ostride, count, data, wbase, wstride, wsum, wsbase, scales, sbase, xt, xtbase,
-             xst, xsbase, ngroups, gs):
+    def tile(typingctx, out, oo, ostride, count, data, wbase, wstride, scales, sbase, xt, xtbase, xst, xsumt,
+             xsbase, ngroups, gs):
         def codegen(context, builder, sig, args):
-            vnni = all(f in context.codegen().magic_tuple()[2] for f in ("+avx512vnni", "+avx512bw"))
+            vnni = has_vnni(context)
             a, t = dict(zip(_ARGS, args)), dict(zip(_ARGS, sig.args))
 
             def i64(name):
@@ -77,29 +73,25 @@ def _qtile(R: int, bits: int):
                 return ir.Constant(_I64, v)
 
             v16i, v64b, v16f = ir.VectorType(_I32, 16), ir.VectorType(_I8, 64), ir.VectorType(_F32, 16)
-            oo, ostride, count, wbase, wstride, wsbase, sbase, xtbase, xsbase, ngroups, gs = (
-                i64(n) for n in ("oo", "ostride", "count", "wbase", "wstride", "wsbase", "sbase", "xtbase", "xsbase",
-                                 "ngroups", "gs"))
+            oo, ostride, count, wbase, wstride, sbase, xtbase, xsbase, ngroups, gs = (
+                i64(n) for n in ("oo", "ostride", "count", "wbase", "wstride", "sbase", "xtbase", "xsbase", "ngroups",
+                                 "gs"))
             steps = builder.sdiv(gs, c64(4))  # 4 values per vpdpbusd lane
             half = builder.sdiv(gs, c64(2))
             zero_i = ir.Constant(v16i, None)
             vals = [cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16)) for _ in range(R)]
             accs = [cgutils.alloca_once(builder, v16i) for _ in range(R)]
-            offset = cgutils.alloca_once(builder, v16i)  # int4: 8 * sum(x), the same for every row
 
             with cgutils.for_range(builder, ngroups) as group:
                 g = group.index
                 for acc in accs:
                     builder.store(zero_i, acc)
-                builder.store(zero_i, offset)
                 with cgutils.for_range(builder, steps) as step:
                     k = step.index
                     xv = builder.load(at("xt", builder.add(xtbase, builder.mul(builder.add(builder.mul(g, steps), k),
                                                                                 c64(64))), v64b), align=1)
                     j = builder.mul(k, c64(4))  # values j..j+3 of the group
                     if bits == 4:
-                        builder.store(_dpbusd(builder, builder.load(offset), ir.Constant(v64b, [8] * 64), xv, vnni),
-                                      offset)
                         # the v3 layout: low nibbles of bytes j.. hold values j.. of the first half,
                         # high nibbles of bytes j - gs/2.. those of the second
                         high = builder.icmp_signed(">=", j, half)
@@ -110,22 +102,18 @@ def _qtile(R: int, bits: int):
                     for r in range(R):
                         row = builder.add(wbase, builder.add(builder.mul(c64(r), wstride), byte))
                         w4 = builder.load(at("data", row, _I32), align=1)
-                        if bits == 4:  # four nibbles (unsigned) against the signed activations
+                        if bits == 4:  # four nibbles q + 8, unsigned as stored
                             w4 = builder.and_(builder.lshr(w4, shift), ir.Constant(_I32, 0x0F0F0F0F))
-                            acc = _dpbusd(builder, builder.load(accs[r]), builder.bitcast(_splat(builder, w4, v16i), v64b),
-                                          xv, vnni)
-                        else:  # the unsigned activations (x + 128) against four signed weights
-                            acc = _dpbusd(builder, builder.load(accs[r]), xv, builder.bitcast(_splat(builder, w4, v16i), v64b),
-                                          vnni)
-                        builder.store(acc, accs[r])
-                x_scale = builder.load(at("xst", builder.add(xsbase, builder.mul(g, c64(16))), v16f), align=4)
+                        else:  # four weights + 128
+                            w4 = builder.xor(w4, ir.Constant(_I32, 0x80808080))
+                        u = builder.bitcast(_splat(builder, w4, v16i), v64b)
+                        builder.store(dpbusd(builder, builder.load(accs[r]), u, xv, vnni), accs[r])
+                at_g = builder.add(xsbase, builder.mul(g, c64(16)))
+                x_scale = builder.load(at("xst", at_g, v16f), align=4)
+                shift_sum = builder.mul(builder.load(at("xsumt", at_g, v16i), align=4),  # what the shift added
+                                        ir.Constant(v16i, [128 if bits == 8 else 8] * 16))
                 for r in range(R):
-                    if bits == 4:
-                        isum = builder.sub(builder.load(accs[r]), builder.load(offset))
-                    else:  # minus 128 * sum(w) over this row's group
-                        wsum = builder.load(at("wsum", builder.add(wsbase, builder.add(builder.mul(c64(r), ngroups), g))))
-                        isum = builder.sub(builder.load(accs[r]), _splat(builder, builder.mul(wsum, ir.Constant(_I32, 128)),
-                                                                         v16i))
+                    isum = builder.sub(builder.load(accs[r]), shift_sum)
                     w_scale = _splat(builder, builder.load(at("scales", builder.add(sbase, builder.add(
                         builder.mul(c64(r), ngroups), g)))), v16f)
                     f = builder.sitofp(isum, v16f)
@@ -142,8 +130,8 @@ def _qtile(R: int, bits: int):
                     builder.store(value, builder.gep(po, [builder.add(builder.mul(c, ostride), c64(r))]))
             return context.get_dummy_value()
 
-        return types.void(out, oo, ostride, count, data, wbase, wstride, wsum, wsbase, scales, sbase, xt, xtbase, xst,
-                          xsbase, ngroups, gs), codegen
+        return types.void(out, oo, ostride, count, data, wbase, wstride, scales, sbase, xt, xtbase, xst, xsumt, xsbase,
+                          ngroups, gs), codegen
 
     return tile
 
@@ -155,65 +143,51 @@ _tile4 = _qtile(ROWS, 4)
 _tile4_one = _qtile(1, 4)
 
 
-def weight_sums(data: np.ndarray, offsets: np.ndarray, rows: int, cols: int, gs: int) -> np.ndarray:
-    """(n_matrices * rows * groups,) int32: every int8 group's sum of weights (the correction the
-    unsigned activations need), computed once when an int8 model is loaded."""
-    out = np.empty((len(offsets), rows, cols // gs), np.int32)
-    for m, o in enumerate(offsets):
-        w = data[int(o) : int(o) + rows * cols].reshape(rows, cols // gs, gs)
-        out[m] = w.sum(axis=2, dtype=np.int32)
-    return out.reshape(-1)
-
-
 @njit(**JIT)
-def transpose_block(xt, xst, xq, xq_row, xs, xs_row, T, n, gs, bits):
-    """Lay the quantized activations of rows t < T (values at xq[t * xq_row:], scales at
-    xs[t * xs_row:], n values) out for the tiles: block b = t // 16, lane t % 16; each 64-byte
-    vector holds 4 consecutive values of 16 tokens (int8: stored + 128, unsigned), then per group
-    16 scales. Lanes past T are zero tokens (their results are never stored)."""
+def transpose_block(xt, xst, xsumt, xq, xq_row, xs, xsum, xs_row, T, n, gs):
+    """Lay the quantized activations of rows t < T (values at xq[t * xq_row:], scales and group sums
+    at xs / xsum[t * xs_row:], n values) out for the tiles: block b = t // 16, lane t % 16; each
+    64-byte vector holds 4 consecutive values of 16 tokens, then per group 16 scales and 16 sums.
+    Lanes past T are zero tokens (their results are never stored)."""
     ngroups, steps = n // gs, gs // 4
     blocks = (T + LANES - 1) // LANES
-    zero = np.int8(-128) if bits == 8 else np.int8(0)  # the stored form of 0
     for b in range(blocks):
         for g in range(ngroups):
             base = (b * ngroups + g) * steps * 64
             for lane in range(LANES):
                 t = b * LANES + lane
-                xst[(b * ngroups + g) * LANES + lane] = xs[t * xs_row + g] if t < T else np.float32(0.0)
+                at = (b * ngroups + g) * LANES + lane
+                xst[at] = xs[t * xs_row + g] if t < T else np.float32(0.0)
+                xsumt[at] = xsum[t * xs_row + g] if t < T else np.int32(0)
                 for k in range(steps):
                     for j in range(4):
-                        if t < T:
-                            v = xq[t * xq_row + g * gs + 4 * k + j]
-                            xt[base + k * 64 + lane * 4 + j] = np.int8(v ^ np.int8(-128)) if bits == 8 else v
-                        else:
-                            xt[base + k * 64 + lane * 4 + j] = zero
+                        xt[base + k * 64 + lane * 4 + j] = xq[t * xq_row + g * gs + 4 * k + j] if t < T else np.int8(0)
 
 
 @njit(parallel=True, **JIT)
-def qgemm(out, T, data, offsets, scales, wsum, l, xt, xst, n, gs, bits, parallel):
-    """out[:T] (T, rows) = the rows' activations (transposed: xt, xst) times quantized matrix l of one
-    kind (data, offsets, scales flat; int8: wsum from weight_sums), each element runq's result."""
+def qgemm(out, T, data, offsets, scales, l, xt, xst, xsumt, n, gs, bits, parallel):
+    """out[:T] (T, rows) = the rows' activations (transposed: xt, xst, xsumt) times quantized matrix l
+    of one kind (data, offsets, scales flat), each element runq's result."""
     rows = out.shape[1]
     ngroups = n // gs
     wstride = n if bits == 8 else n // 2
     base, sbase = offsets[l], l * rows * ngroups
     blocks = (T + LANES - 1) // LANES
     tiles = rows // ROWS
-    steps64 = ngroups * (gs // 4) * 64
+    block_bytes = ngroups * (gs // 4) * 64
     if parallel:
         for u in prange(tiles * blocks):
-            _qgemm_unit(out, T, data, base, wstride, scales, sbase, wsum, xt, xst, ngroups, gs, bits, u // blocks,
-                        u % blocks, steps64)
+            _qgemm_unit(out, T, data, base, wstride, scales, sbase, xt, xst, xsumt, ngroups, gs, bits, u // blocks,
+                        u % blocks, block_bytes)
     else:
         for u in range(tiles * blocks):
-            _qgemm_unit(out, T, data, base, wstride, scales, sbase, wsum, xt, xst, ngroups, gs, bits, u // blocks,
-                        u % blocks, steps64)
+            _qgemm_unit(out, T, data, base, wstride, scales, sbase, xt, xst, xsumt, ngroups, gs, bits, u // blocks,
+                        u % blocks, block_bytes)
     for r in range(tiles * ROWS, rows):  # the rows after the last whole tile, one by one
         for b in range(blocks):
             count = min(LANES, T - b * LANES)
-            args = (out, b * LANES * rows + r, rows, count, data, base + r * wstride, wstride, wsum,
-                    (l * rows + r) * ngroups, scales, sbase + r * ngroups, xt, b * steps64, xst, b * ngroups * LANES,
-                    ngroups, gs)
+            args = (out, b * LANES * rows + r, rows, count, data, base + r * wstride, wstride, scales,
+                    sbase + r * ngroups, xt, b * block_bytes, xst, xsumt, b * ngroups * LANES, ngroups, gs)
             if bits == 8:
                 _tile8_one(*args)
             else:
@@ -221,14 +195,13 @@ def qgemm(out, T, data, offsets, scales, wsum, l, xt, xst, n, gs, bits, parallel
 
 
 @njit(inline="always", **JIT)
-def _qgemm_unit(out, T, data, base, wstride, scales, sbase, wsum, xt, xst, ngroups, gs, bits, tile, b, steps64):
+def _qgemm_unit(out, T, data, base, wstride, scales, sbase, xt, xst, xsumt, ngroups, gs, bits, tile, b, block_bytes):
     rows = out.shape[1]
     r0 = tile * ROWS
     count = min(LANES, T - b * LANES)
-    wsbase = (sbase // ngroups + r0) * ngroups  # wsum is laid out like the scales
+    args = (out, b * LANES * rows + r0, rows, count, data, base + r0 * wstride, wstride, scales, sbase + r0 * ngroups,
+            xt, b * block_bytes, xst, xsumt, b * ngroups * LANES, ngroups, gs)
     if bits == 8:
-        _tile8(out, b * LANES * rows + r0, rows, count, data, base + r0 * wstride, wstride, wsum, wsbase, scales,
-               sbase + r0 * ngroups, xt, b * steps64, xst, b * ngroups * LANES, ngroups, gs)
+        _tile8(*args)
     else:
-        _tile4(out, b * LANES * rows + r0, rows, count, data, base + r0 * wstride, wstride, wsum, wsbase, scales,
-               sbase + r0 * ngroups, xt, b * steps64, xst, b * ngroups * LANES, ngroups, gs)
+        _tile4(*args)

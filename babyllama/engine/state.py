@@ -24,7 +24,7 @@ from ..errors import GenerationError
 PAGE = 16  # positions per page: one tile of the attention's score kernel (ofast.dot16_columns)
 
 # The per-call buffers, rows = token rows of one forward call (grown on demand, never per token).
-Scratch = namedtuple("Scratch", "x xb xb2 q k v att_out hb hb2 xq xs hq hs xt xst att")
+Scratch = namedtuple("Scratch", "x xb xb2 q k v att_out hb hb2 xq xs xsum hq hs hsum xt xst xsumt att")
 
 
 class State:
@@ -145,11 +145,14 @@ class State:
                 hb=np.zeros((rows, cfg.hidden_dim), f32),  # SwiGLU hidden activations (w1 @ x, then gated)
                 hb2=np.zeros((rows, cfg.hidden_dim), f32),  # w3 @ x
                 xq=np.zeros((rows, act), np.int8),  # quantized activations (int8/int4 engines)
-                xs=np.zeros((rows, act // gs), f32),
+                xs=np.zeros((rows, act // gs), f32),  # their scales and group sums
+                xsum=np.zeros((rows, act // gs), np.int32),
                 hq=np.zeros((rows, cfg.hidden_dim), np.int8),
                 hs=np.zeros((rows, cfg.hidden_dim // gs), f32),
+                hsum=np.zeros((rows, cfg.hidden_dim // gs), np.int32),
                 xt=np.zeros(padded * widest, np.int8),  # those of one matmul laid out for qgemm
                 xst=np.zeros(padded * (widest // gs), f32),
+                xsumt=np.zeros(padded * (widest // gs), np.int32),
                 att=np.zeros(threads * cfg.n_heads * self.att_row, f32),  # scores: (thread, head, position), flat
             )
             self.scratch_args = tuple(self.scratch)  # the forward's scratch argument (a plain tuple)

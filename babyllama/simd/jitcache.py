@@ -32,10 +32,10 @@ def sources_digest() -> str:
 
 def compiled_modules() -> list:
     from .. import sampling
-    from ..engine import kernels, llama, q4kernels, qkernels
+    from ..engine import kernels, llama, qgemm, qkernels, qrows
     from . import ofast
 
-    return [ofast, kernels, qkernels, q4kernels, llama, sampling]
+    return [ofast, kernels, qkernels, qrows, qgemm, llama, sampling]
 
 
 def cached_functions() -> list:

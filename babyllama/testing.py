@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .arch.llama import Weights, stored_tensors, tensor_shapes
+from .arch import module as arch_module
+from .arch.tensors import stored_tensors
 from .config import ModelConfig
 
 # Shapes of Karpathy's llama2.c models (tinyllamas), for random-weight timing runs.
@@ -33,11 +34,13 @@ def random_weights(cfg: ModelConfig, seed: int = 0, scale: float | None = None) 
     A tied classifier is not included (Weights.from_dict ties it).
     """
     rng = np.random.default_rng(seed)
-    shapes = tensor_shapes(cfg)
+    shapes = arch_module(cfg.arch).tensor_shapes(cfg)
     tensors = {}
     for name in stored_tensors(cfg):
         shape = shapes[name]
-        if name.startswith("rms"):
+        if name.endswith("_bias") or name in ("bqkv", "bo", "b1", "b2"):  # GPT-2's biases: small
+            tensors[name] = 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        elif name.startswith(("rms", "ln_")):
             tensors[name] = (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
         else:
             std = scale if scale is not None else 1.0 / math.sqrt(shape[-1])
@@ -49,7 +52,7 @@ def random_model(cfg: ModelConfig, path, seed: int = 0, version: int = 0, scale:
     """Write a .bin of random weights (v0 by default; v1 for configs v0 cannot hold)."""
     from .formats.llama2c import write_checkpoint, write_quantized_checkpoint
 
-    weights = Weights.from_dict(cfg, random_weights(cfg, seed, scale))
+    weights = arch_module(cfg.arch).Weights.from_dict(cfg, random_weights(cfg, seed, scale))
     if version in (0, 1):
         write_checkpoint(path, cfg, weights, version=version)
     else:

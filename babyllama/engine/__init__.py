@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from ..arch.gpt2 import Weights as GPT2Weights
 from ..arch.llama import Weights
 from ..config import ModelConfig
 from ..errors import CheckpointError, GenerationError
@@ -48,25 +49,36 @@ def _as_int32(values) -> np.ndarray:
 
 
 class Engine:
-    """Inference over a Llama model's weights: fp32 Weights, or QuantWeights (int8/int4)."""
+    """Inference over a model's weights: Llama (fp32 Weights, or QuantWeights: int8/int4) or GPT-2
+    (fp32); the config's arch picks the forward (llama.py, gpt2.py), the weights' type the matmul."""
 
     def __init__(self, cfg: ModelConfig, weights, parallel: bool | None = None, blocked: bool | None = None):
-        from .llama import LlamaWeights, Params
-
         ensure_fresh()  # before any compiled code loads: no machine code from older sources
         self.config = cfg
         self.weights = weights
         self.quantized = isinstance(weights, QuantWeights)
-        if not self.quantized and not isinstance(weights, Weights):
-            raise CheckpointError(f"expected fp32 Weights or QuantWeights, got {type(weights).__name__}")
+        expected = GPT2Weights if cfg.arch == "gpt2" else (Weights, QuantWeights)
+        if not isinstance(weights, expected):
+            kind = "fp32 GPT-2 Weights" if cfg.arch == "gpt2" else "fp32 Weights or QuantWeights"
+            raise CheckpointError(f"expected {kind} for arch {cfg.arch}, got {type(weights).__name__}")
         if parallel is None:
             parallel = self.weight_bytes >= PARALLEL_MIN_BYTES
         if blocked is None:
             blocked = self.weight_bytes <= BLOCKED_MAX_BYTES
         self.parallel = bool(parallel)
         self.blocked = bool(blocked) and not self.quantized  # row blocks are an fp32 kernel's choice
+        if cfg.arch == "gpt2":
+            self._bind_gpt2()
+        else:
+            self._bind_llama()
+        self._one_row = np.zeros(1, np.int32)
+
+    def _bind_llama(self) -> None:
+        """The Llama forward's weight and parameter tuples, built once (not per token)."""
+        from .llama import LlamaWeights, Params, forward
+
+        cfg, w = self.config, self.weights
         self.rope_cos, self.rope_sin = rope_tables(cfg)
-        w = weights
         if self.quantized:
             def m(q):
                 return (q.data, q.offsets, q.scales.reshape(-1))
@@ -80,10 +92,17 @@ class Engine:
             gs, bits = 1, 32
         self._p = tuple(Params(cfg.n_heads, np.float32(cfg.norm_eps), self.parallel, self.blocked, gs, bits,
                                self.rope_cos, self.rope_sin))
-        self._one_row = np.zeros(1, np.int32)
-        from .llama import forward
-
         self._fwd = forward  # bound once: at ~25 us a token (stories260K), Python-side work shows
+
+    def _bind_gpt2(self) -> None:
+        from .gpt2 import GPT2Params, GPT2Weights as Tuple, forward
+
+        w = self.weights
+        self._w = tuple(Tuple(w.token_embedding, w.position_embedding, w.ln_att, w.ln_att_bias, w.wqkv, w.bqkv, w.wo,
+                              w.bo, w.ln_ffn, w.ln_ffn_bias, w.w1, w.b1, w.w2, w.b2, w.ln_final[None],
+                              w.ln_final_bias[None], w.wcls[None]))
+        self._p = tuple(GPT2Params(self.config.n_heads, np.float32(self.config.norm_eps), self.parallel, self.blocked))
+        self._fwd = forward
 
     @classmethod
     def from_checkpoint(cls, ck, parallel: bool | None = None) -> "Engine":
@@ -116,9 +135,7 @@ class Engine:
 
     @property
     def compiles_on_first_call(self) -> bool:
-        from .llama import forward
-
-        return compiles_on_first_call(forward)
+        return compiles_on_first_call(self._fwd)
 
     def check_tokens(self, tokens: np.ndarray, pos: int) -> None:
         cfg = self.config

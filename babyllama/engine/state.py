@@ -138,7 +138,8 @@ class State:
                 x=np.zeros((rows, cfg.dim), f32),  # residual stream
                 xb=np.zeros((rows, cfg.dim), f32),  # normalized input of a block
                 xb2=np.zeros((rows, cfg.dim), f32),  # projection output before the residual add
-                q=np.zeros((rows, cfg.q_dim), f32),
+                # GPT-2's fused projection writes q|k|v here; its queries are the first q_dim columns
+                q=np.zeros((rows, 3 * cfg.dim if cfg.arch == "gpt2" else cfg.q_dim), f32),
                 k=np.zeros((rows, cfg.kv_dim), f32),  # this position's key and value before caching
                 v=np.zeros((rows, cfg.kv_dim), f32),
                 att_out=np.zeros((rows, cfg.q_dim), f32),  # attention output, heads concatenated

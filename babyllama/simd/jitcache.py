@@ -32,10 +32,10 @@ def sources_digest() -> str:
 
 def compiled_modules() -> list:
     from .. import sampling
-    from ..engine import kernels, llama, qgemm, qkernels, qrows
+    from ..engine import gpt2, kernels, llama, qgemm, qkernels, qrows
     from . import ofast
 
-    return [ofast, kernels, qkernels, qrows, qgemm, llama, sampling]
+    return [ofast, kernels, qkernels, qrows, qgemm, llama, gpt2, sampling]
 
 
 def cached_functions() -> list:

@@ -66,10 +66,13 @@ class _Cache(FunctionCache):
     _impl_class = _CacheImpl
 
 
-def entry(fn):
+def entry(fn=None, **options):
     """njit(**JIT) with machine code kept in cache_dir() (see the module docstring for why only
-    entry points are cached)."""
-    dispatcher = njit(**JIT)(fn)
+    entry points are cached). `@entry(**options)` overrides JIT's options (the hand-written
+    trainer's kernels, training/grad/ops.py, allow reassociation)."""
+    if fn is None:
+        return lambda f: entry(f, **options)
+    dispatcher = njit(**{**JIT, **options})(fn)
     try:
         dispatcher._cache = _Cache(dispatcher.py_func)
     except RuntimeError:  # no writable folder at all: compile in every process

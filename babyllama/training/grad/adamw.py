@@ -15,14 +15,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
-
-from .ops import KERNEL_JIT
+from .ops import kernel
 
 EPS = 1e-8  # torch.optim.AdamW's default, which the torch trainer uses
 
 
-@njit(**KERNEL_JIT)
+@kernel
 def sum_of_squares(g):
     """sum(g^2), accumulated in float64."""
     total = 0.0
@@ -31,7 +29,7 @@ def sum_of_squares(g):
     return total
 
 
-@njit(**KERNEL_JIT)
+@kernel
 def adamw_update(p, g, m, v, n_decay, coef, decay, c1, beta2, c2, step_size, bc2_sqrt, eps):
     """One AdamW step on every element, with g scaled by the clip coefficient first.
     decay = 1 - lr * weight_decay (applied below n_decay); c1 = 1 - beta1, c2 = 1 - beta2;

@@ -9,7 +9,9 @@ math is what is hand-written here.
 
 Options: KERNEL_JIT lets LLVM reassociate and contract (vectorise the sums: this trainer matches
 torch to float32 rounding, not llama2.c's order), but keeps NaN and Inf semantics, so a diverging
-run still shows a non-finite loss. `fexp` is a vectorisable float32 exp (Cephes' polynomial,
+run still shows a non-finite loss. The kernels Python calls (`@kernel`) keep their machine code
+in babyllama's cache folder, so only a first run compiles (~10 s); their helpers are compiled
+into them, as the engine's are (simd/jit.py). `fexp` is a vectorisable float32 exp (Cephes' polynomial,
 ~1 ulp); in float64 it is math.exp, so the float64 checks compare exact functions.
 """
 
@@ -22,11 +24,12 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from ...simd.jit import JIT
+from ...simd.jit import JIT, entry
 
 # fastmath minus nnan/ninf: NaN must survive to the loss check (training/loop.py stops on it)
 FAST = {"reassoc", "contract", "nsz", "arcp"}
-KERNEL_JIT = dict(JIT, fastmath=FAST)
+KERNEL_JIT = dict(JIT, fastmath=FAST)  # helpers: compiled into the kernels that call them
+kernel = entry(fastmath=FAST)  # what Python calls: machine code kept on disk (simd/jit.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +80,34 @@ def _fexp(x):
     return lambda x: math.exp(x)
 
 
+def fexp_softmax(x):
+    """exp(x) for x <= 0 (or -inf: 0); see the overload."""
+    return math.exp(x)
+
+
+@overload(fexp_softmax, jit_options=KERNEL_JIT)
+def _fexp_softmax(x):
+    if x == types.float32:
+        def exp_f32(x):
+            # fexp for a softmax's x - max <= 0, in fewer operations: no clamps (the result's
+            # select discards what a huge |n| makes of the exponent bits) and one-step
+            # reduction r = x - n ln2 (its error, |n| * 2e-9, stays below 1e-7 of the result
+            # for x > -87)
+            n = np.rint(x * np.float32(1.44269504))
+            r = x - n * np.float32(0.6931471806)
+            p = np.float32(1.9875691500e-4)
+            p = p * r + np.float32(1.3981999507e-3)
+            p = p * r + np.float32(8.3334519073e-3)
+            p = p * r + np.float32(4.1665795894e-2)
+            p = p * r + np.float32(1.6666665459e-1)
+            p = p * r + np.float32(5.0000001201e-1)
+            p = p * r * r + r + np.float32(1.0)
+            y = p * _f32_from_bits((np.int64(n) + 127) << 23)
+            return np.float32(0.0) if x < np.float32(-87.33654) else y
+        return exp_f32
+    return lambda x: math.exp(x)
+
+
 def ftanh(x):
     """tanh(x); see the overload."""
     return math.tanh(x)
@@ -117,7 +148,7 @@ def linear_backward(dy, x, w, dw, db, dx, accumulate_dx: bool):
 # embeddings
 
 
-@njit(**KERNEL_JIT)
+@kernel
 def embedding_forward(tokens, T, wte, wpe, out):
     """out[n] = wte[tokens[n]] (+ wpe[n % T] when wpe has rows: GPT-2's learned positions)."""
     N, D = out.shape
@@ -132,7 +163,7 @@ def embedding_forward(tokens, T, wte, wpe, out):
                 out[n, i] += wpe[t, i]
 
 
-@njit(**KERNEL_JIT)
+@kernel
 def embedding_backward(tokens, T, dout, dwte, dwpe):
     """dwte[tokens[n]] += dout[n] (and dwpe[n % T] += dout[n]); serial: rows repeat tokens."""
     N, D = dout.shape
@@ -151,7 +182,7 @@ def embedding_backward(tokens, T, dout, dwte, dwpe):
 # normalisation: RMSNorm (Llama, center=False, no bias) and LayerNorm (GPT-2, center=True)
 
 
-@njit(**KERNEL_JIT)
+@kernel
 def norm_forward(x, w, b, eps, center, out, mean, rstd):
     """out = (x - mean) * rstd * w (+ b), per row; RMSNorm when not center (mean 0, no b).
 
@@ -177,7 +208,7 @@ def norm_forward(x, w, b, eps, center, out, mean, rstd):
             out[n, i] = y + b[i] if center else y
 
 
-@njit(**KERNEL_JIT)
+@kernel
 def norm_backward(dout, x, w, mean, rstd, center, dx, dw, db):
     """dx += d(norm)/dx . dout; dw (and db when center) += the weight (bias) gradient.
 
@@ -214,7 +245,7 @@ def norm_backward(dout, x, w, mean, rstd, center, dx, dw, db):
 # L rounded up to PAD (padding scores -inf, probabilities 0): the vectorised loop body then does
 # all the work instead of a scalar remainder of up to PAD - 1 exp calls per row.
 
-PAD = 32
+PAD = 8
 
 
 @njit(inline="always")
@@ -344,7 +375,7 @@ def _group_forward(qkv, b, g, T, n_heads, n_kv_heads, hs, cos, sin, att, out, kt
             kt[d, t] = qkv[r0 + t, ko + d]
             vt[d, t] = qkv[r0 + t, vo + d]
     for h in range(g * kv_mul, (g + 1) * kv_mul):
-        qo = h * hs
+        qo, keep = h * hs, att[b, h]
         for t in range(T):
             row, L, base = r0 + t, t + 1, t * (t + 1) // 2
             Lp = (L + PAD - 1) // PAD * PAD
@@ -356,18 +387,18 @@ def _group_forward(qkv, b, g, T, n_heads, n_kv_heads, hs, cos, sin, att, out, kt
                 s[j] = ninf  # the causal mask, and the padding
             total = zero
             for j in range(Lp):
-                e = fexp(s[j] - mx)
+                e = fexp_softmax(s[j] - mx)
                 s[j] = e
                 total += e
             inv = one / total
-            for j in range(Lp):
-                s[j] *= inv  # (Lp,) probabilities, 0 past t
-            for j in range(L):
-                att[b, h, base + j] = s[j]
+            for j in range(L):  # (Lp,) probabilities (0 past t: exp(-inf) is exactly 0)
+                p = s[j] * inv
+                s[j] = p
+                keep[base + j] = p
             _weighted_sums(out, row, qo, s, vt, hs, Lp)  # (hs,) sum_j p_j v_j
 
 
-@njit(**KERNEL_JIT)
+@kernel
 def attention_forward(qkv, T, n_heads, n_kv_heads, hs, cos, sin, att, out):
     """Causal softmax(q k^T / sqrt(hs)) v per head; query head h reads key/value head
     h // (n_heads / n_kv_heads).
@@ -427,7 +458,7 @@ def _group_backward(dout, qkv, att, b, g, T, n_heads, n_kv_heads, hs, cos, sin, 
             _rotate(dqkv, r0 + t, ko, hs, cos, sin, t, -one)
 
 
-@njit(**KERNEL_JIT)
+@kernel
 def attention_backward(dout, qkv, att, T, n_heads, n_kv_heads, hs, cos, sin, dqkv):
     """dqkv (N, Q + 2 KV) = the gradient of attention_forward's input (before RoPE), from dout
     (N, Q), the rotated qkv and the probabilities att it saved. With P = softmax(S):
@@ -451,7 +482,7 @@ def attention_backward(dout, qkv, att, T, n_heads, n_kv_heads, hs, cos, sin, dqk
 # feed-forward activations
 
 
-@njit(**KERNEL_JIT)
+@kernel
 def swiglu_forward(h13, F, out):
     """out (N, F) = silu(h1) * h3, h13 (N, 2F) = [h1 | h3] (Llama's SwiGLU; Shazeer 2020)."""
     N = h13.shape[0]
@@ -462,7 +493,7 @@ def swiglu_forward(h13, F, out):
             out[n, i] = a / (one + fexp(-a)) * h13[n, F + i]
 
 
-@njit(**KERNEL_JIT)
+@kernel
 def swiglu_backward(dout, h13, F, dh13):
     """dh13 = [d/dh1 | d/dh3] of swiglu_forward: silu'(a) = s (1 + a (1 - s)), s = sigmoid(a)."""
     N = h13.shape[0]
@@ -479,7 +510,7 @@ GELU_K = math.sqrt(2.0 / math.pi)  # GELU's tanh approximation (Hendrycks & Gimp
 GELU_C = 0.044715
 
 
-@njit(**KERNEL_JIT)
+@kernel
 def gelu_forward(h, out):
     """out = 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))), GPT-2's GELU."""
     N, F = h.shape
@@ -490,7 +521,7 @@ def gelu_forward(h, out):
             out[n, i] = half * x * (one + ftanh(k * (x + c * x * x * x)))
 
 
-@njit(**KERNEL_JIT)
+@kernel
 def gelu_backward(dout, h, dh):
     """dh = dout * gelu'(h)."""
     N, F = h.shape
@@ -507,7 +538,7 @@ def gelu_backward(dout, h, dh):
 # the loss
 
 
-@njit(**KERNEL_JIT)
+@kernel
 def cross_entropy(logits, targets, scale, losses, grad):
     """losses[n] = logsumexp(logits[n]) - logits[n, targets[n]]; with grad, logits is overwritten
     by d(scale * sum of losses)/d(logits) = scale * (softmax - onehot): the logits are not needed

@@ -163,18 +163,21 @@ def test_float32_exp_is_accurate_and_keeps_nan_and_the_mask():
     from numba import njit
 
     @njit
-    def exp_all(x):
+    def exp_all(x, softmax):
         out = np.empty_like(x)
         for i in range(x.shape[0]):
-            out[i] = ops.fexp(x[i])
+            out[i] = ops.fexp_softmax(x[i]) if softmax else ops.fexp(x[i])
         return out
 
     x = np.concatenate([np.linspace(-87, 88, 200001), [-1e-7, 0.0, 1e-7]]).astype(np.float32)
     ref = np.exp(x.astype(np.float64))
-    assert np.abs(exp_all(x) / ref - 1).max() < 3e-7  # ~2 float32 ulps
-    special = exp_all(np.array([-np.inf, -100.0, np.nan, np.inf], np.float32))
-    assert special[0] == 0.0 and special[1] == 0.0  # masked scores: exactly 0, never a denormal
-    assert np.isnan(special[2]) and not np.isfinite(special[3])  # a diverging run still shows
+    assert np.abs(exp_all(x, False) / ref - 1).max() < 3e-7  # ~2 float32 ulps
+    neg = x <= 0  # the softmax's exp: only ever given x - max
+    assert np.abs(exp_all(x[neg], True) / ref[neg] - 1).max() < 3e-7
+    for softmax in (False, True):
+        special = exp_all(np.array([-np.inf, -100.0, np.nan, np.inf], np.float32), softmax)
+        assert special[0] == 0.0 and special[1] == 0.0  # masked scores: exactly 0, never a denormal
+        assert np.isnan(special[2]) and not np.isfinite(special[3])  # a diverging run still shows
 
 
 def test_float32_row_max_orders_negatives_and_propagates_nan():

@@ -50,6 +50,20 @@ def _f32_from_bits(typingctx, bits):
     return types.float32(bits), codegen
 
 
+@njit(inline="always")
+def _exp_reduced_f32(n, r):
+    """e^r * 2^n for |r| <= ln2/2 and a whole n in [-126, 127]: Cephes expf's degree-7
+    polynomial, 2^n by the exponent bits."""
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * _f32_from_bits((np.int64(n) + 127) << 23)
+
+
 def fexp(x):
     """exp(x); see the overload."""
     return math.exp(x)
@@ -59,20 +73,12 @@ def fexp(x):
 def _fexp(x):
     if x == types.float32:
         def exp_f32(x):
-            # Cephes expf: x = n ln2 + r, |r| <= ln2/2; e^r by a degree-7 polynomial; 2^n by the
-            # exponent bits. NaN passes through the clamp (the comparison is false for NaN).
+            # Cephes expf: x = n ln2 + r (ln2 in two parts, so r is exact); NaN passes through
+            # the clamps (comparisons with NaN are false)
             c = np.float32(-87.33654) if x < np.float32(-87.33654) else x
             c = np.float32(88.72283) if c > np.float32(88.72283) else c
             n = np.floor(c * np.float32(1.44269504) + np.float32(0.5))
-            r = c - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
-            p = np.float32(1.9875691500e-4)
-            p = p * r + np.float32(1.3981999507e-3)
-            p = p * r + np.float32(8.3334519073e-3)
-            p = p * r + np.float32(4.1665795894e-2)
-            p = p * r + np.float32(1.6666665459e-1)
-            p = p * r + np.float32(5.0000001201e-1)
-            p = p * r * r + r + np.float32(1.0)
-            y = p * _f32_from_bits((np.int64(n) + 127) << 23)
+            y = _exp_reduced_f32(n, c - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4))
             # exactly 0 below the range (and for -inf: masked scores), never a denormal, which
             # would cost a microcode assist per operation downstream
             return np.float32(0.0) if x < np.float32(-87.33654) else y
@@ -89,20 +95,11 @@ def fexp_softmax(x):
 def _fexp_softmax(x):
     if x == types.float32:
         def exp_f32(x):
-            # fexp for a softmax's x - max <= 0, in fewer operations: no clamps (the result's
-            # select discards what a huge |n| makes of the exponent bits) and one-step
-            # reduction r = x - n ln2 (its error, |n| * 2e-9, stays below 1e-7 of the result
-            # for x > -87)
+            # fexp for a softmax's x - max <= 0, in fewer operations: no clamps (the select
+            # discards what a huge |n| makes of the exponent bits) and a one-step reduction
+            # r = x - n ln2 (its error, |n| * 2e-9, stays below 3e-7 of the result for x > -87)
             n = np.rint(x * np.float32(1.44269504))
-            r = x - n * np.float32(0.6931471806)
-            p = np.float32(1.9875691500e-4)
-            p = p * r + np.float32(1.3981999507e-3)
-            p = p * r + np.float32(8.3334519073e-3)
-            p = p * r + np.float32(4.1665795894e-2)
-            p = p * r + np.float32(1.6666665459e-1)
-            p = p * r + np.float32(5.0000001201e-1)
-            p = p * r * r + r + np.float32(1.0)
-            y = p * _f32_from_bits((np.int64(n) + 127) << 23)
+            y = _exp_reduced_f32(n, x - n * np.float32(0.6931471806))
             return np.float32(0.0) if x < np.float32(-87.33654) else y
         return exp_f32
     return lambda x: math.exp(x)

@@ -258,3 +258,20 @@ def test_chat_template_override_renders_chatml(model):
     _, _, chatml = asgi_request(create_app(model, "m", chat_template=CHATML), "POST", "/tokenize", body)
     assert json.loads(default)["tokens"] == model.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]")
     assert json.loads(chatml)["tokens"] == model.encode(CHATML.text(messages))
+
+
+def test_a_models_own_jinja_template_is_the_default():
+    from babyllama.serve import create_app
+    from babyllama.tokenizers.chat import JinjaTemplate
+
+    pytest.importorskip("jinja2", reason="the hf extra (jinja2) is not installed")
+    model = Model.load()
+    model.tokenizer.chat_template = JinjaTemplate(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "A story?"}]
+    status, _, body = asgi_request(create_app(model, "m"), "POST", "/tokenize", json.dumps({"messages": messages}).encode())
+    assert status == 200
+    assert json.loads(body)["tokens"] == model.encode("user: Hi\nassistant: Hello\nuser: A story?\nassistant:",
+                                                      bos=False)

@@ -99,9 +99,10 @@ class Service:
     def too_long(self, chars: int) -> bool:
         """True when a text of `chars` characters cannot fit the context whatever its tokens: a
         token covers at most max_token_length bytes and a character at least one byte. Checked
-        before encoding, as a megabyte of text would hold the event loop for seconds."""
-        longest = max(getattr(self.tokenizer, "max_token_length", 0) or 0, 1)
-        return chars > longest * (self.config.seq_len + 1)
+        before encoding, as tokenizer.bin's Python BPE would hold the event loop for seconds on a
+        megabyte of text (vocabularies without max_token_length encode in native code: no check)."""
+        longest = getattr(self.tokenizer, "max_token_length", None)
+        return bool(longest) and chars > longest * (self.config.seq_len + 1)
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         """A text's token ids (a text that cannot fit the context is refused unencoded)."""

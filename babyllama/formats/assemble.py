@@ -81,8 +81,14 @@ def gather(cfg: ModelConfig, names: dict[str, str], lookup: dict[str, Stored], w
     file's tensors keyed by its own names (`names`: a format's table, "{i}" marking layers).
     Every shape is checked against the config; missing tensors are named (the first four)."""
     shapes = tensor_shapes(cfg)
+    names_needed = stored_tensors(cfg)
+    per_layer = sum("{i}" in names[n] for n in names_needed)
+    needed = len(names_needed) - per_layer + per_layer * cfg.n_layers
+    if needed > len(lookup) + 64:  # before a single key is built from n_layers: it may be absurd
+        raise CheckpointError(f"{where}: the config's {cfg.n_layers} layers need {needed} tensors, the file holds "
+                              f"{len(lookup)}")
     out, missing = {}, []
-    for name in stored_tensors(cfg):
+    for name in names_needed:
         key = names[name]
         per_layer = "{i}" in key
         keys = [key.format(i=i) for i in range(cfg.n_layers)] if per_layer else [key]
@@ -101,6 +107,21 @@ def gather(cfg: ModelConfig, names: dict[str, str], lookup: dict[str, Stored], w
         more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
         raise CheckpointError(f"{where}: missing tensors: expected {', '.join(missing[:4])}{more}, not found")
     return out
+
+
+def names_a_tensor(names: dict[str, str], key: str, n_layers: int) -> bool:
+    """Whether `key` is one of the format's names (`names`, "{i}" marking layers) for a model of
+    n_layers, without listing every layer's keys (n_layers may be an absurd header value)."""
+    for template in names.values():
+        if "{i}" not in template:
+            if key == template:
+                return True
+            continue
+        head, tail = template.split("{i}")
+        index = key[len(head) : len(key) - len(tail)] if key.startswith(head) and key.endswith(tail) else ""
+        if index.isdigit() and str(int(index)) == index and int(index) < n_layers:
+            return True
+    return False
 
 
 def _matrices(tensors: dict) -> list[Stored]:

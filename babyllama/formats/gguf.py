@@ -35,7 +35,7 @@ from ..arch.llama import GGUF_NAMES, Weights, stored_tensors
 from ..config import ModelConfig, RopeScaling
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_write, map_readonly
-from .assemble import FLOAT_BYTES, Stored, build, gather, stored_bytes
+from .assemble import FLOAT_BYTES, Stored, build, gather, names_a_tensor, stored_bytes
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -340,9 +340,9 @@ def _llama3_candidates(f: np.ndarray, cfg: ModelConfig):
 
 def gguf_tensors(path, cfg: ModelConfig, views: dict) -> dict:
     """gather's tensors of a GGUF: llama's names checked; biases and other tensors refused."""
-    expected = {key.format(i=i) for key in GGUF_NAMES.values() for i in range(cfg.n_layers)} | {"rope_freqs.weight"}
     for name in views:
-        if name in expected or name.endswith(".attn_rot_embd"):  # old files store RoPE's unused tables
+        if names_a_tensor(GGUF_NAMES, name, cfg.n_layers) or name == "rope_freqs.weight" or \
+                name.endswith(".attn_rot_embd"):  # old files store RoPE's unused tables
             continue
         if name.endswith(".bias"):
             raise CheckpointError(f"{path}: tensor {name}: biases are not part of the Llama architecture babyllama "

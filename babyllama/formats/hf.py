@@ -22,7 +22,7 @@ from ..arch.llama import HF_NAMES, Weights, hf_transforms, spread
 from ..config import ModelConfig, RopeScaling
 from ..errors import CheckpointError, ConfigError
 from ..fileio import make_folder, map_readonly, write_bytes
-from .assemble import FLOAT_BYTES, Stored, build, gather, stored_bytes
+from .assemble import FLOAT_BYTES, Stored, build, gather, names_a_tensor, stored_bytes
 
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 MODEL_TYPES = ("llama", "mistral")  # Mistral's architecture is Llama's plus an optional sliding window
@@ -227,9 +227,8 @@ def hf_tensors(folder, cfg: ModelConfig) -> dict:
     lookup: dict[str, Stored] = {}
     for name in _shard_names(folder):
         lookup.update(map_safetensors(folder / name))
-    expected = {key.format(i=i) for key in HF_NAMES.values() for i in range(cfg.n_layers)}
     for key in sorted(lookup):
-        if key in expected or key.endswith("rotary_emb.inv_freq"):  # old checkpoints store RoPE's frequencies
+        if names_a_tensor(HF_NAMES, key, cfg.n_layers) or key.endswith("rotary_emb.inv_freq"):  # (old files: RoPE's)
             continue
         if key.endswith(".bias"):
             raise CheckpointError(f"{folder}: tensor {key}: biases are not part of the Llama architecture "

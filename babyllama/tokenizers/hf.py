@@ -223,12 +223,13 @@ class HFTokenizer(Tokenizer):
             raise TokenizerError(f"{where}: expected a tokenizer.json object with a 'model', found {type(spec).__name__}")
         try:
             tk = _library().Tokenizer.from_str(text)
+            bos, eos = special_ids(settings, tk.token_to_id, vocab_size)
+            return cls(tk, spec, vocab_size, bos, eos, settings.get("add_bos"), template_of(settings), path)
+        except TokenizerError:
+            raise
         except BaseException as e:  # the library's Exception, or a PanicException on input it did not expect
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
+            _reraise_interrupt(e)
             raise TokenizerError(f"{where}: the tokenizers library cannot load it ({str(e)[:200]})") from None
-        bos, eos = special_ids(settings, tk.token_to_id, vocab_size)
-        return cls(tk, spec, vocab_size, bos, eos, settings.get("add_bos"), template_of(settings), path)
 
     def encode(self, text: str | bytes, bos: bool = True, eos: bool = False) -> list[int]:
         """Ids of `text` as AutoTokenizer.encode gives them: BOS first when `bos` and the tokenizer
@@ -238,7 +239,12 @@ class HFTokenizer(Tokenizer):
         except UnicodeError:
             raise TokenizerError("this tokenizer (tokenizer.json) encodes UTF-8 text only; the text is not valid UTF-8") \
                 from None
-        ids = self._tk.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._tk.encode(text, add_special_tokens=False).ids
+        except BaseException as e:  # the library panics (pyo3 PanicException) on some broken tokenizer.json
+            _reraise_interrupt(e)
+            raise TokenizerError(f"{self.path or 'tokenizer.json'}: the tokenizers library failed to encode the text "
+                                 f"({str(e)[:200]})") from None
         if bos and self.add_bos:
             ids = [self.bos_id] + ids
         if eos and self.eos_ids:
@@ -253,6 +259,11 @@ class HFTokenizer(Tokenizer):
 
     def token_text(self, token: int) -> str:
         return self.vocab[token] if 0 <= token < self.vocab_size else ""
+
+
+def _reraise_interrupt(e: BaseException) -> None:
+    if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError)):
+        raise e
 
 
 def _read_text(path: Path) -> str:

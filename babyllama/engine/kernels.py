@@ -39,30 +39,34 @@ from ..simd.ofast import (
 # on disk (simd/jit.py says why).
 
 
-@njit(inline="always", **JIT)
-def _unit(out, w, l, x, t, u, blocked):
-    """One unit of out[t] = w[l] @ x[t]: rows 8u .. 8u + 7 if blocked (ofast.dot8), else row u
-    (ofast.dot). Inlined: called inside prange, a real call would update the arrays' reference
-    counts atomically on every iteration, from every thread."""
-    n, d = out.shape[1], x.shape[1]
-    if blocked:
-        dot8(out, t * n + 8 * u, w, (l * n + 8 * u) * d, x, t * d, d)
-    else:
-        out[t, u] = dot(w, (l * n + u) * d, x, t * d, d)
+CHUNK = 16  # units per call in the threaded loops
 
 
 @njit(**JIT)
-def _units(out, blocked):
+def _units(out, w, l, x, t, u0, u1, blocked):
+    """Units u0..u1 of out[t] = w[l] @ x[t]: 8-row blocks if blocked (ofast.dot8), else rows
+    (ofast.dot); with blocked units, the rows after the last whole block go one by one when u1
+    is the end. One compiled copy serves every matrix-vector product (serial, or a thread's
+    chunk), which keeps the first-ever compile short."""
+    n, d = out.shape[1], x.shape[1]
+    for u in range(u0, u1):
+        if blocked:
+            dot8(out, t * n + 8 * u, w, (l * n + 8 * u) * d, x, t * d, d)
+        else:
+            out[t, u] = dot(w, (l * n + u) * d, x, t * d, d)
+    if blocked and u1 == n // 8:
+        for i in range(8 * (n // 8), n):
+            out[t, i] = dot(w, (l * n + i) * d, x, t * d, d)
+
+
+@njit(**JIT)
+def _count(out, blocked):
     return out.shape[1] // 8 if blocked else out.shape[1]
 
 
-@njit(**JIT)
-def _last_rows(out, w, l, x, t, blocked):
-    """With blocked units, the rows after the last whole block of 8, one by one (the same sums)."""
-    n, d = out.shape[1], x.shape[1]
-    if blocked:
-        for i in range(8 * (n // 8), n):
-            out[t, i] = dot(w, (l * n + i) * d, x, t * d, d)
+@njit(inline="always", **JIT)
+def _chunk_end(u0, units):
+    return min(units, u0 + CHUNK)
 
 
 @njit(parallel=True, **JIT)
@@ -71,15 +75,14 @@ def matmul(out, w, l, x, t, parallel, blocked):
 
     Each row is run.c's `val += w[i * n + j] * x[j]` as -Ofast vectorizes it (ofast.dot). blocked
     computes eight rows at a time (ofast.dot8), which is faster while the weights sit in the CPU
-    caches and slower when they stream from memory (Engine decides). Threads take whole units.
+    caches and slower when they stream from memory (Engine decides). Threads take chunks of units.
     """
+    units = _count(out, blocked)
     if parallel:
-        for u in prange(_units(out, blocked)):
-            _unit(out, w, l, x, t, u, blocked)
+        for c in prange((units + CHUNK - 1) // CHUNK):
+            _units(out, w, l, x, t, c * CHUNK, _chunk_end(c * CHUNK, units), blocked)
     else:
-        for u in range(_units(out, blocked)):
-            _unit(out, w, l, x, t, u, blocked)
-    _last_rows(out, w, l, x, t, blocked)
+        _units(out, w, l, x, t, 0, units, blocked)
 
 
 @njit(parallel=True, **JIT)
@@ -87,39 +90,36 @@ def matmul3(q, k, v, wq, wk, wv, l, x, t, parallel, blocked):
     """q, k, v = wq @ x, wk @ x, wv @ x (row t, layer l) in one parallel loop over all their units:
     one thread-pool launch instead of three (a launch costs microseconds, a 15M model's q/k/v rows
     tens)."""
-    nq, nk = _units(q, blocked), _units(k, blocked)
+    nq, nk = _count(q, blocked), _count(k, blocked)
+    cq, ck = (nq + CHUNK - 1) // CHUNK, (nk + CHUNK - 1) // CHUNK
     if parallel:
-        for u in prange(nq + 2 * nk):
-            if u < nq:
-                _unit(q, wq, l, x, t, u, blocked)
-            elif u < nq + nk:
-                _unit(k, wk, l, x, t, u - nq, blocked)
+        for c in prange(cq + 2 * ck):
+            if c < cq:
+                _units(q, wq, l, x, t, c * CHUNK, _chunk_end(c * CHUNK, nq), blocked)
+            elif c < cq + ck:
+                u = (c - cq) * CHUNK
+                _units(k, wk, l, x, t, u, _chunk_end(u, nk), blocked)
             else:
-                _unit(v, wv, l, x, t, u - nq - nk, blocked)
+                u = (c - cq - ck) * CHUNK
+                _units(v, wv, l, x, t, u, _chunk_end(u, nk), blocked)
     else:
-        for u in range(nq):
-            _unit(q, wq, l, x, t, u, blocked)
-        for u in range(nk):
-            _unit(k, wk, l, x, t, u, blocked)
-            _unit(v, wv, l, x, t, u, blocked)
-    _last_rows(q, wq, l, x, t, blocked)
-    _last_rows(k, wk, l, x, t, blocked)
-    _last_rows(v, wv, l, x, t, blocked)
+        _units(q, wq, l, x, t, 0, nq, blocked)
+        _units(k, wk, l, x, t, 0, nk, blocked)
+        _units(v, wv, l, x, t, 0, nk, blocked)
 
 
 @njit(parallel=True, **JIT)
 def matmul2(out1, out3, w1, w3, l, x, t, parallel, blocked):
     """out1, out3 = w1 @ x, w3 @ x (SwiGLU's two up-projections; row t, layer l) in one parallel loop."""
+    units = _count(out1, blocked)
     if parallel:
-        for u in prange(_units(out1, blocked)):
-            _unit(out1, w1, l, x, t, u, blocked)
-            _unit(out3, w3, l, x, t, u, blocked)
+        for c in prange((units + CHUNK - 1) // CHUNK):
+            u0, u1 = c * CHUNK, _chunk_end(c * CHUNK, units)
+            _units(out1, w1, l, x, t, u0, u1, blocked)
+            _units(out3, w3, l, x, t, u0, u1, blocked)
     else:
-        for u in range(_units(out1, blocked)):
-            _unit(out1, w1, l, x, t, u, blocked)
-            _unit(out3, w3, l, x, t, u, blocked)
-    _last_rows(out1, w1, l, x, t, blocked)
-    _last_rows(out3, w3, l, x, t, blocked)
+        _units(out1, w1, l, x, t, 0, units, blocked)
+        _units(out3, w3, l, x, t, 0, units, blocked)
 
 
 # Many token rows at once (prefill, a batch step, speculative verification): a tile of GEMM_R
@@ -133,9 +133,11 @@ _tile = dot_tile(GEMM_R, GEMM_C)
 _tile_one = dot_tile(GEMM_R, 1)  # the tokens after the last whole group of GEMM_C
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _gemm_unit(out, w, l, x, T, u):
-    """Rows GEMM_R*u .. +GEMM_R of out[:T] = x[:T] @ w[l].T, all T tokens."""
+    """Rows GEMM_R*u .. +GEMM_R of out[:T] = x[:T] @ w[l].T, all T tokens. A call, not inlined: a
+    unit is thousands of multiply-adds, and one compiled copy of the tiles keeps the first-ever
+    compile short (inlined into the three GEMMs' serial and threaded loops it was six)."""
     n, d = out.shape[1], x.shape[1]
     r0 = GEMM_R * u
     wo = (l * n + r0) * d
@@ -345,10 +347,11 @@ def _weighted_sums(out, t, att, att_base, row, value_pages, l, block_table, seq,
                 out[t, h * head_size + i] = acc
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _attend(out, q, t, key_pages, value_pages, l, block_table, seq, att, ao, row, pos, n_heads):
     """attention() for row t on one thread: all heads' weights, then their weighted sums together
-    (more chains in flight), with scores at att[ao:] (this thread's part)."""
+    (more chains in flight), with scores at att[ao:] (this thread's part). A call (one compiled
+    copy for the serial path and the threads over rows)."""
     kv_mul = n_heads // key_pages.shape[2]
     head_size = key_pages.shape[3]
     scale = inv_sqrt(f32(head_size))  # score /= sqrtf(head_size), as compiled

@@ -104,14 +104,12 @@ def linear(out, w, l, x, T, a, p):
 def _linear(out, w, l, x, T, a, p):
     if _is_quantized(w):
         def impl(out, w, l, x, T, a, p):
-            data, offsets, scales = w
-            n = x.shape[1]
             if _batched(T, p):
                 _qgemm(out, w, l, x, T, a, p)
             else:
                 for t in range(T):
-                    qmatmul(out, t, data, offsets, scales, l, a.xq, t * a.xq_row, a.xs, t * a.xs_row, a.xsum, n, p.gs,
-                            p.bits, p.parallel)
+                    qmatmul(out, t, w, l, a.xq, t * a.xq_row, a.xs, t * a.xs_row, a.xsum, x.shape[1], p.gs, p.bits,
+                            p.parallel)
     else:
         def impl(out, w, l, x, T, a, p):
             if T == 1:  # decode: one pass over the weights, memory-bound

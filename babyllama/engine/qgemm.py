@@ -185,16 +185,22 @@ def qgemm(out, T, data, offsets, scales, l, xt, xst, xsumt, n, gs, bits, paralle
                         u % blocks, block_bytes)
     for r in range(tiles * ROWS, rows):  # the rows after the last whole tile, one by one
         for b in range(blocks):
-            count = min(LANES, T - b * LANES)
-            args = (out, b * LANES * rows + r, rows, count, data, base + r * wstride, wstride, scales,
-                    sbase + r * ngroups, xt, b * block_bytes, xst, xsumt, b * ngroups * LANES, ngroups, gs)
-            if bits == 8:
-                _tile8_one(*args)
-            else:
-                _tile4_one(*args)
+            _qgemm_row(out, T, data, base, wstride, scales, sbase, xt, xst, xsumt, ngroups, gs, bits, r, b, block_bytes)
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
+def _qgemm_row(out, T, data, base, wstride, scales, sbase, xt, xst, xsumt, ngroups, gs, bits, r, b, block_bytes):
+    rows = out.shape[1]
+    count = min(LANES, T - b * LANES)
+    args = (out, b * LANES * rows + r, rows, count, data, base + r * wstride, wstride, scales, sbase + r * ngroups, xt,
+            b * block_bytes, xst, xsumt, b * ngroups * LANES, ngroups, gs)
+    if bits == 8:
+        _tile8_one(*args)
+    else:
+        _tile4_one(*args)
+
+
+@njit(**JIT)
 def _qgemm_unit(out, T, data, base, wstride, scales, sbase, xt, xst, xsumt, ngroups, gs, bits, tile, b, block_bytes):
     rows = out.shape[1]
     r0 = tile * ROWS

@@ -82,26 +82,34 @@ def dequantize_row(out, t, data, offset, scales, row, gs, bits):
                 out[t, g * gs + half + j] = np.float32(((b >> 4) & 15) - 8) * s
 
 
-@njit(parallel=True, **JIT)
-def qmatmul(out, t, data, offsets, scales, l, xq, xo, xs, xso, xsum, n, gs, bits, parallel):
-    """out[t] (rows,) = W_l @ x for matrix l of one kind (data, offsets, scales flat: matrix l's
-    scales start at l * rows * n / gs), x (n,) given quantized at xq[xo:], xs[xso:], xsum[xso:]."""
+CHUNK = 16  # rows per call in the threaded loops: the call costs nanoseconds, a row ~100
+
+
+@njit(**JIT)
+def qrows_range(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, gs, bits):
+    """out[t, i] for rows i0 <= i < i1 of matrix l of kind w = (data, offsets, scales). One compiled
+    copy of the row kernel (qrows.qrow, with every group size's VNNI step) serves every matmul:
+    inlined into each threaded and serial loop it was a dozen copies and a minute of first-ever
+    compile."""
     rows = out.shape[1]
-    offset, so = offsets[l], l * rows * (n // gs)
     wbytes = n if bits == 8 else n // 2
+    data, base, scales = w[0], w[1][l], w[2]
+    so = l * rows * (n // gs)
+    for i in range(i0, i1):
+        out[t, i] = qrow(data, base + i * wbytes, xq, xo, xs, xso, xsum, scales, so + i * (n // gs), n, gs, bits)
+
+
+@njit(parallel=True, **JIT)
+def qmatmul(out, t, w, l, xq, xo, xs, xso, xsum, n, gs, bits, parallel):
+    """out[t] (rows,) = W_l @ x for matrix l of kind w = (data, offsets, scales flat: matrix l's
+    scales start at l * rows * n / gs), x (n,) given quantized at xq[xo:], xs / xsum[xso:]."""
+    rows = out.shape[1]
+    chunks = (rows + CHUNK - 1) // CHUNK
     if parallel:
-        for i in prange(rows):
-            out[t, i] = qrow(data, offset + i * wbytes, xq, xo, xs, xso, xsum, scales, so + i * (n // gs), n, gs, bits)
+        for c in prange(chunks):
+            qrows_range(out, t, w, l, c * CHUNK, min(rows, (c + 1) * CHUNK), xq, xo, xs, xso, xsum, n, gs, bits)
     else:
-        for i in range(rows):
-            out[t, i] = qrow(data, offset + i * wbytes, xq, xo, xs, xso, xsum, scales, so + i * (n // gs), n, gs, bits)
-
-
-@njit(inline="always", **JIT)
-def _row(w, l, i, rows, xq, xo, xs, xso, xsum, n, gs, bits):
-    """Row i of matrix l of kind w = (data, offsets, scales, ...) times the activations."""
-    wbytes = n if bits == 8 else n // 2
-    return qrow(w[0], w[1][l] + i * wbytes, xq, xo, xs, xso, xsum, w[2], (l * rows + i) * (n // gs), n, gs, bits)
+        qrows_range(out, t, w, l, 0, rows, xq, xo, xs, xso, xsum, n, gs, bits)
 
 
 @njit(parallel=True, **JIT)
@@ -112,21 +120,21 @@ def qmatmul3(q, k, v, t, wq, wk, wv, l, xq, xo, xs, xso, xsum, n, gs, bits, para
     One thread-pool launch instead of three: at ~5 us a launch and 85 launches a token, the
     launches cost the 110M model about a tenth of its int8 decode time.
     """
-    nq, nk = q.shape[1], k.shape[1]
+    cq, ck = (q.shape[1] + CHUNK - 1) // CHUNK, (k.shape[1] + CHUNK - 1) // CHUNK
     if parallel:
-        for r in prange(nq + 2 * nk):
-            if r < nq:
-                q[t, r] = _row(wq, l, r, nq, xq, xo, xs, xso, xsum, n, gs, bits)
-            elif r < nq + nk:
-                k[t, r - nq] = _row(wk, l, r - nq, nk, xq, xo, xs, xso, xsum, n, gs, bits)
+        for c in prange(cq + 2 * ck):
+            if c < cq:
+                qrows_range(q, t, wq, l, c * CHUNK, min(q.shape[1], (c + 1) * CHUNK), xq, xo, xs, xso, xsum, n, gs, bits)
+            elif c < cq + ck:
+                i = (c - cq) * CHUNK
+                qrows_range(k, t, wk, l, i, min(k.shape[1], i + CHUNK), xq, xo, xs, xso, xsum, n, gs, bits)
             else:
-                v[t, r - nq - nk] = _row(wv, l, r - nq - nk, nk, xq, xo, xs, xso, xsum, n, gs, bits)
+                i = (c - cq - ck) * CHUNK
+                qrows_range(v, t, wv, l, i, min(v.shape[1], i + CHUNK), xq, xo, xs, xso, xsum, n, gs, bits)
     else:
-        for r in range(nq):
-            q[t, r] = _row(wq, l, r, nq, xq, xo, xs, xso, xsum, n, gs, bits)
-        for r in range(nk):
-            k[t, r] = _row(wk, l, r, nk, xq, xo, xs, xso, xsum, n, gs, bits)
-            v[t, r] = _row(wv, l, r, nk, xq, xo, xs, xso, xsum, n, gs, bits)
+        qrows_range(q, t, wq, l, 0, q.shape[1], xq, xo, xs, xso, xsum, n, gs, bits)
+        qrows_range(k, t, wk, l, 0, k.shape[1], xq, xo, xs, xso, xsum, n, gs, bits)
+        qrows_range(v, t, wv, l, 0, v.shape[1], xq, xo, xs, xso, xsum, n, gs, bits)
 
 
 @njit(parallel=True, **JIT)
@@ -137,11 +145,12 @@ def qmatmul2(h1, h3, t, w1, w3, l, xq, xo, xs, xso, xsum, n, gs, bits, parallel)
     16, so it runs over the whole vector rather than fused into the rows.
     """
     rows = h1.shape[1]
+    chunks = (rows + CHUNK - 1) // CHUNK
     if parallel:
-        for i in prange(rows):
-            h1[t, i] = _row(w1, l, i, rows, xq, xo, xs, xso, xsum, n, gs, bits)
-            h3[t, i] = _row(w3, l, i, rows, xq, xo, xs, xso, xsum, n, gs, bits)
+        for c in prange(chunks):
+            i0, i1 = c * CHUNK, min(rows, (c + 1) * CHUNK)
+            qrows_range(h1, t, w1, l, i0, i1, xq, xo, xs, xso, xsum, n, gs, bits)
+            qrows_range(h3, t, w3, l, i0, i1, xq, xo, xs, xso, xsum, n, gs, bits)
     else:
-        for i in range(rows):
-            h1[t, i] = _row(w1, l, i, rows, xq, xo, xs, xso, xsum, n, gs, bits)
-            h3[t, i] = _row(w3, l, i, rows, xq, xo, xs, xso, xsum, n, gs, bits)
+        qrows_range(h1, t, w1, l, 0, rows, xq, xo, xs, xso, xsum, n, gs, bits)
+        qrows_range(h3, t, w3, l, 0, rows, xq, xo, xs, xso, xsum, n, gs, bits)

@@ -46,6 +46,7 @@ class State:
         self.block_table = np.zeros((self.n_slots, self.blocks), np.int32)  # page of each block of each slot
         self.lengths = np.zeros(self.n_slots, np.int64)  # positions each slot holds
         self._pages = [[] for _ in range(self.n_slots)]  # pages owned by each slot, in block order
+        self.owned = np.zeros(self.n_slots, np.int64)  # how many (for vectorized checks)
         self._free = list(range(n_pages - 1, -1, -1))
         self.cache = (self.key_pages, self.value_pages, self.block_table)  # the forward's cache argument
         if fixed is None:  # one sequence with room for its context: all its pages now, and kept
@@ -97,6 +98,7 @@ class State:
             page = self._free.pop()
             self.block_table[slot, len(owned)] = page
             owned.append(page)
+        self.owned[slot] = len(owned)
 
     def truncate(self, slot: int, n_positions: int) -> None:
         """Forget a slot's positions from n_positions on (a speculative draft that was rejected):
@@ -107,6 +109,7 @@ class State:
             owned = self._pages[slot]
             while len(owned) > self.pages_for(n_positions):
                 self._free.append(owned.pop())
+            self.owned[slot] = len(owned)
 
     def release(self, slot: int) -> None:
         """A sequence left: its slot is empty again (its pages go back to the pool)."""

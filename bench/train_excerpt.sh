@@ -9,9 +9,11 @@
 # Steps: a 512-token BPE vocabulary -> train/val token shards -> the stories260K shape
 # (dim 64, 5 layers, 8 heads, 4 kv heads, hidden 172, context 256) -> llama2.c .bin v0 +
 # tokenizer.bin -> a sample. Prints validation loss against wall time at the end.
-# Knobs (environment): MAX_ITERS, BATCH_SIZE, LR, BABYLLAMA (the babyllama command), and
-# THREADS (torch threads; on a machine shared with other busy processes THREADS=1 can be many
-# times faster than 2, because idle-waiting OpenMP threads fight the other load).
+# Knobs (environment): MAX_ITERS, BATCH_SIZE, LR, BABYLLAMA (the babyllama command), BACKEND
+# (torch, the default here because the bundled model is this run on torch; numba: the hand-written
+# trainer, faster on a CPU, see README "Training without autograd"), and THREADS (torch's or the
+# hand-written trainer's threads; on a machine shared with other busy processes THREADS=1 can be
+# many times faster than 2 for torch, because idle-waiting OpenMP threads fight the other load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${1:-../shared/data/tinystories_excerpt.txt}
@@ -33,13 +35,14 @@ bl data pretokenize --tokenizer "$out/tok512/tok512.model" --input "$src" \
     --out "$out/data" --val-fraction 0.05
 
 # 3. train the stories260K shape; every log line gets the wall time since the start
-if [ -n "${THREADS:-}" ]; then export OMP_NUM_THREADS=$THREADS; fi
+if [ -n "${THREADS:-}" ]; then export OMP_NUM_THREADS=$THREADS NUMBA_NUM_THREADS=$THREADS; fi
 start=${EPOCHREALTIME/./}
 bl train --data_dir "$out/data" --out_dir "$out/train" \
     --dim 64 --n_layers 5 --n_heads 8 --n_kv_heads 4 --multiple_of 4 --seq_len 256 \
     --batch_size "$batch_size" --max_iters "$max_iters" --lr "$lr" --min_lr 5e-4 \
     --warmup_iters 50 --weight_decay 0.1 --dropout 0.0 \
-    --eval_interval 100 --eval_iters 6 --log_interval 50 --device cpu --seed 1337 2>&1 |
+    --eval_interval 100 --eval_iters 6 --log_interval 50 --device cpu --seed 1337 \
+    --backend "${BACKEND:-torch}" 2>&1 |
     while IFS= read -r line; do
         now=${EPOCHREALTIME/./}
         printf '[%ds] %s\n' $(((now - start) / 1000000)) "$line"

@@ -8,7 +8,9 @@
 
 Every run is a fresh `babyllama train` process; the variants take turns, round after round (the
 machine is shared and noisy: a run's speed is the median of its steps after the first few, and a
-variant's the best of its rounds). The loss curves of the last round go on one plot (loss.png,
+variant's the best of its rounds). Next to wall time it reports the CPU time a step costs (all
+the process's threads; metrics.jsonl's cpu_ms_per_iter), which other processes on the machine
+inflate far less: with one thread it is the work itself. The loss curves of the last round go on one plot (loss.png,
 when matplotlib is installed); with the same seed all variants start from the same weights and
 see the same batches, so their curves should lie on top of each other.
 
@@ -80,9 +82,10 @@ def one_run(args, data: Path, arch: str, variant: str, threads: int, tag: str) -
     wall = time.perf_counter() - t0
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in events if e["event"] == "train"]
-    steady = [e["ms_per_iter"] for e in train if e["iter"] > WARMUP_STEPS]
-    ms = statistics.median(steady)
-    return {"arch": arch, "variant": variant, "threads": threads, "ms_per_step": ms,
+    steady = [e for e in train if e["iter"] > WARMUP_STEPS]
+    ms = statistics.median(e["ms_per_iter"] for e in steady)
+    cpu = statistics.median(e["cpu_ms_per_iter"] for e in steady)
+    return {"arch": arch, "variant": variant, "threads": threads, "ms_per_step": ms, "cpu_ms_per_step": cpu,
             "tokens_per_s": 16 * 256 / (ms / 1000), "process_s": wall,
             "losses": [e["loss"] for e in train], "val_loss": [e["val_loss"] for e in events if e["event"] == "eval"]}
 
@@ -125,6 +128,7 @@ def main() -> None:
     data = prepare_data(args)
 
     best: dict[tuple, dict] = {}
+    best_cpu: dict[tuple, float] = {}
     last: dict[tuple, dict] = {}
     for rnd in range(args.rounds):
         for arch in archs:
@@ -135,22 +139,27 @@ def main() -> None:
                     last[key] = r
                     if key not in best or r["ms_per_step"] < best[key]["ms_per_step"]:
                         best[key] = r
+                    if key not in best_cpu or r["cpu_ms_per_step"] < best_cpu[key]:
+                        best_cpu[key] = r["cpu_ms_per_step"]
                     print(f"round {rnd + 1}/{args.rounds} {arch:5} {variant:13} {n} threads: "
-                          f"{r['ms_per_step']:7.1f} ms/step {r['tokens_per_s']:8,.0f} tok/s "
-                          f"(process {r['process_s']:.0f} s)", flush=True)
+                          f"{r['ms_per_step']:7.1f} ms/step {r['tokens_per_s']:8,.0f} tok/s, "
+                          f"CPU {r['cpu_ms_per_step']:7.1f} ms/step (process {r['process_s']:.0f} s, "
+                          f"load {os.getloadavg()[0]:.1f})", flush=True)
 
     print(f"\n{args.steps} steps of 16 x 256 tokens, best of {args.rounds} rounds (median step after "
           f"{WARMUP_STEPS}); load average at the end {os.getloadavg()[0]:.1f}")
-    print("| model | trainer | threads | ms/step | tokens/s | vs torch eager | loss at the last step |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| model | trainer | threads | ms/step | tokens/s | vs torch eager | CPU ms/step | CPU vs torch eager "
+          "| loss at the last step |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for arch in archs:
         for n in threads:
-            eager = best.get((arch, "torch eager", n))
+            eager, eager_cpu = best.get((arch, "torch eager", n)), best_cpu.get((arch, "torch eager", n))
             for variant in variants:
-                r = best[(arch, variant, n)]
+                r, cpu = best[(arch, variant, n)], best_cpu[(arch, variant, n)]
                 ratio = f"{eager['ms_per_step'] / r['ms_per_step']:.2f}x" if eager else "-"
+                cpu_ratio = f"{eager_cpu / cpu:.2f}x" if eager_cpu else "-"
                 print(f"| {SHAPE_NAMES[arch].split(' (')[0]} | {variant} | {n} | {r['ms_per_step']:.1f} | "
-                      f"{r['tokens_per_s']:,.0f} | {ratio} | {r['losses'][-1]:.4f} |")
+                      f"{r['tokens_per_s']:,.0f} | {ratio} | {cpu:.1f} | {cpu_ratio} | {r['losses'][-1]:.4f} |")
     results = list(last.values())
     (args.out / "results.json").write_text(json.dumps({"best": list(best.values()), "last": results}, indent=1))
     png = args.out / "loss.png"

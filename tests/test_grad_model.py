@@ -66,7 +66,7 @@ def test_loss_and_every_gradient_match_float64_autograd(cfg):
     loss64, g64 = hand_written(cfg, arrays, tokens, targets, np.float64)
     assert abs(loss64 - ref_loss) < 1e-12 * ref_loss
     for name in ref:
-        assert rel(g64[name], ref[name]) < 1e-10, name  # the same formulas: rounding only
+        assert rel(g64[name], ref[name]) < 1e-12, name  # the same formulas: rounding only (2e-15 seen)
 
     # float32 parameters and arithmetic against the same float64 reference (FLOAT32_TOL says why)
     loss32, g32 = hand_written(cfg, {k: v.astype(np.float32) for k, v in arrays.items()}, tokens, targets,

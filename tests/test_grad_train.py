@@ -236,3 +236,15 @@ def test_a_checkpoint_whose_optimizer_does_not_fit_is_refused(straight, tmp_path
     layout = Layout(cfg, MODELS[cfg.arch].FUSED)
     with pytest.raises(CheckpointError, match=r"expected AdamW's two parameter groups of \d+ and \d+ tensors"):
         state.restore(layout, layout.zeros(), AdamW(layout.size, layout.n_decay, 0.1, 0.9, 0.95), ckpt, "ckpt.pt")
+
+
+def test_auto_takes_torch_where_a_gpu_is_present():
+    from babyllama.training import TrainConfig
+    from babyllama.training.config import choose_backend
+
+    assert choose_backend(TrainConfig(), 1, cuda_available=False) == ("numba", "auto: one process on the CPU")
+    assert choose_backend(TrainConfig(), 1, cuda_available=True)[0] == "torch"
+    assert choose_backend(TrainConfig(device="cpu"), 1, cuda_available=True)[0] == "numba"
+    assert choose_backend(TrainConfig(), 2, cuda_available=False) == ("torch", "auto: 2 processes (torchrun) needs torch")
+    with pytest.raises(TrainError, match=r"--device auto \(a GPU is present\) needs --backend torch"):
+        choose_backend(TrainConfig(backend="numba"), 1, cuda_available=True)

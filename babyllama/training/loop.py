@@ -256,7 +256,7 @@ class TrainingRun:
         interrupts = Interrupts()
         completed = self.start_iter
         rng_snapshot = self.rng_state()  # RNG state at the boundary `completed`
-        loss_acc, steps_acc, t_log, ms_avg = 0.0, 0, time.perf_counter(), None
+        loss_acc, steps_acc, t_log, cpu_log, ms_avg = 0.0, 0, time.perf_counter(), time.process_time(), None
         try:
             with interrupts:
                 if self.start_iter == 0:
@@ -277,12 +277,15 @@ class TrainingRun:
                     if logging:
                         lossf = self.mean_over_ranks(loss_acc / steps_acc)  # .item() syncs the GPU here only
                         ms = 1000 * (time.perf_counter() - t_log) / steps_acc
+                        # CPU time of all this process's threads: the work a step costs, which a
+                        # busy shared machine does not inflate the way it inflates wall time
+                        cpu_ms = 1000 * (time.process_time() - cpu_log) / steps_acc
                         ms_avg = ms if ms_avg is None else 0.9 * ms_avg + 0.1 * ms
-                        self.log_progress(completed, lossf, lr, ms, ms_avg)
-                        loss_acc, steps_acc, t_log = 0.0, 0, time.perf_counter()
+                        self.log_progress(completed, lossf, lr, ms, ms_avg, cpu_ms)
+                        loss_acc, steps_acc, t_log, cpu_log = 0.0, 0, time.perf_counter(), time.process_time()
                     if completed % tc.eval_interval == 0 or completed == tc.max_iters:
                         self.eval_and_maybe_save(completed, force=completed == tc.max_iters)
-                        t_log = time.perf_counter()  # evaluation time is not training speed
+                        t_log, cpu_log = time.perf_counter(), time.process_time()  # evaluation is not training
         except KeyboardInterrupt:
             if self.master:
                 self.save_after_interrupt(completed, rng_snapshot)
@@ -290,14 +293,14 @@ class TrainingRun:
         self.finish(completed)
         return 0
 
-    def log_progress(self, completed: int, loss: float, lr: float, ms: float, ms_avg: float) -> None:
+    def log_progress(self, completed: int, loss: float, lr: float, ms: float, ms_avg: float, cpu_ms: float) -> None:
         tc = self.tc
         eta = _fmt_seconds((tc.max_iters - completed) * ms_avg / 1000)
         tok_s = self.tokens_per_step / (ms / 1000)
         self.log(f"iter {completed}/{tc.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
                  f"{tok_s:,.0f} tok/s | {ms:.1f} ms/iter | ETA {eta}")
         self.record({"event": "train", "iter": completed, "loss": loss, "lr": lr,
-                     "tokens_per_sec": tok_s, "ms_per_iter": ms})
+                     "tokens_per_sec": tok_s, "ms_per_iter": ms, "cpu_ms_per_iter": round(cpu_ms, 2)})
 
     def finish(self, completed: int) -> None:
         self.log(f"done: {completed} steps, best val loss {self.best_val:.4f}, checkpoint {self.ckpt_path}")

@@ -27,6 +27,7 @@ from babyllama.convert import convert, quantize_file  # noqa: E402
 from babyllama.engine import Engine  # noqa: E402
 from babyllama.errors import CheckpointError  # noqa: E402
 from babyllama.formats import load_for_inference  # noqa: E402
+from babyllama.formats.gguf import _add_value as add_value  # noqa: E402
 from babyllama.formats.gguf import llama3_frequency_factors, read_header  # noqa: E402
 from babyllama.formats.llama2c import load_checkpoint, write_checkpoint  # noqa: E402
 from babyllama.tokenizers import load_tokenizer  # noqa: E402
@@ -38,37 +39,35 @@ CFG = ModelConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, v
 PROMPT = [1, 17, 42, 99, 7]
 
 
-def write_with_gguf_package(path, cfg, weights, qtype=T.F32, tokenizer=None):
-    """A llama GGUF written by the gguf package itself (not by babyllama's exporter)."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(cfg.seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.hidden_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    if tokenizer is not None:
-        for key, value in gguf_vocab(tokenizer).items():
-            if isinstance(value, str):
-                w.add_string(key, value)
-            elif isinstance(value, bool):
-                w.add_bool(key, value)
-            elif isinstance(value, int):
-                w.add_uint32(key, value)
-            else:
-                w.add_array(key, value)
+def write_with_gguf_package(path, cfg, weights, qtype=T.F32, tokenizer=None, md=None, drop=(), extra=None):
+    """A llama GGUF written by the gguf package itself (not by babyllama's exporter): the config as
+    llama.* metadata (`md` overrides or, with None, removes entries; general.architecture too),
+    the tokenizer's vocabulary, the tensors (less `drop`, plus `extra`) as `qtype`."""
+    md = dict(md or {})
+    w = gguf.GGUFWriter(str(path), md.pop("general.architecture", "llama"))
+    meta = {"llama.context_length": cfg.seq_len, "llama.embedding_length": cfg.dim, "llama.block_count": cfg.n_layers,
+            "llama.feed_forward_length": cfg.hidden_dim, "llama.attention.head_count": cfg.n_heads,
+            "llama.attention.head_count_kv": cfg.n_kv_heads, "llama.attention.layer_norm_rms_epsilon": cfg.norm_eps,
+            "llama.rope.freq_base": cfg.rope_theta}
+    meta.update(gguf_vocab(tokenizer) if tokenizer is not None else {})
+    meta.update(md)
+    for key, value in meta.items():
+        if value is not None:
+            add_value(w, key, value)  # typed as llama.cpp reads it: ids uint32, floats float32
     for name in stored_tensors(cfg):
         key, arr = GGUF_NAMES[name], getattr(weights, name)
         for i, a in enumerate(arr if "{i}" in key else [arr]):
             a = np.ascontiguousarray(a, np.float32)
+            if key.format(i=i) in drop:
+                continue
             if a.ndim == 1 or qtype == T.F32:
                 w.add_tensor(key.format(i=i), a)
             elif qtype == T.F16:
                 w.add_tensor(key.format(i=i), a.astype(np.float16))
             else:
                 w.add_tensor(key.format(i=i), gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    for k, a in (extra or {}).items():
+        w.add_tensor(k, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -353,36 +352,6 @@ def test_absurd_headers_are_refused_before_anything_is_read(tmp_path, data, need
         tracemalloc.stop()
 
 
-def _edit(tmp_path, weights, md: dict | None = None, drop=(), extra=None, qtype=T.F32):
-    """A GGUF from the gguf package with metadata overridden or removed and tensors dropped/added."""
-    w = gguf.GGUFWriter(str(tmp_path / "e.gguf"), md.pop("general.architecture", "llama") if md else "llama")
-    base = {"llama.context_length": CFG.seq_len, "llama.embedding_length": CFG.dim, "llama.block_count": CFG.n_layers,
-            "llama.feed_forward_length": CFG.hidden_dim, "llama.attention.head_count": CFG.n_heads,
-            "llama.attention.head_count_kv": CFG.n_kv_heads}
-    base.update(md or {})
-    for k, v in base.items():
-        if v is None:
-            continue
-        if isinstance(v, str):
-            w.add_string(k, v)
-        elif isinstance(v, float):
-            w.add_float32(k, v)
-        else:
-            w.add_uint32(k, v)
-    for name in stored_tensors(CFG):
-        key, arr = GGUF_NAMES[name], getattr(weights, name)
-        for i, a in enumerate(arr if "{i}" in key else [arr]):
-            if key.format(i=i) not in drop:
-                w.add_tensor(key.format(i=i), np.ascontiguousarray(a, np.float32))
-    for k, a in (extra or {}).items():
-        w.add_tensor(k, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return tmp_path / "e.gguf"
-
-
 @pytest.mark.parametrize("md, drop, extra, needles", [
     ({"general.architecture": "gpt2"}, (), None, ["general.architecture: expected 'llama', found 'gpt2'"]),
     ({"llama.expert_count": 8}, (), None, ["llama.expert_count is 8"]),
@@ -400,7 +369,7 @@ def _edit(tmp_path, weights, md: dict | None = None, drop=(), extra=None, qtype=
     ({}, (), {"rope_freqs.weight": np.array([3] + [1] * 7, np.float32)}, ["rope_freqs.weight: expected llama3"]),
 ])
 def test_files_babyllama_cannot_run_name_the_field(tmp_path, weights, md, drop, extra, needles):
-    one_line_error(_edit(tmp_path, weights, dict(md), drop, extra), *needles)
+    one_line_error(write_with_gguf_package(tmp_path / "e.gguf", CFG, weights, md=md, drop=drop, extra=extra), *needles)
 
 
 def test_truncated_and_foreign_files(tmp_path, weights, capsys):

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from ..arch.llama import HF_NAMES, Weights, hf_transforms, spread
 from ..config import ModelConfig, RopeScaling
 from ..errors import CheckpointError, ConfigError

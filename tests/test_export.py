@@ -352,7 +352,6 @@ def test_transformers_logits_match_the_engine(tmp_path):
 
 def test_transformers_auto_tokenizer_loads_the_exported_folder(tmp_path):
     transformers = _transformers()
-    pytest.importorskip("google.protobuf", reason="transformers reads a sentencepiece tokenizer.model with protobuf")
     from babyllama.tokenizers import Llama2cTokenizer
 
     cfg = LLAMA3_LIKE  # 512 tokens, as tok512.model

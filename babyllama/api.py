@@ -53,11 +53,12 @@ class Model:
     @classmethod
     def load(cls, model_path=None, tokenizer_path=None, parallel: bool | None = None,
              quantize: int | None = None) -> "Model":
-        """Load a model and its tokenizer: a llama2.c .bin (any version), a Hugging Face folder or
-        a GGUF file (formats.load_for_inference). quantize=8|4 quantizes float weights at load.
+        """Load a model and its tokenizer: a llama2.c .bin (any version), a Hugging Face folder, a
+        GGUF file or an llm.c GPT-2 .bin (formats.load_for_inference). quantize=8|4 quantizes float weights at load.
 
         The tokenizer: tokenizer_path if given (tokenizer.bin, tokenizer.json, a .model, a GGUF);
-        else the HF folder's or GGUF file's own; for a .bin, tokenizer.bin beside the model, then
+        else the HF folder's or GGUF file's own; for an llm.c .bin the one beside it (tokenizer.json,
+        vocab.json + merges.txt, else gpt2_tokenizer.bin: decode only); for a .bin, tokenizer.bin beside the model, then
         in the working directory. With no model path, the small model bundled with babyllama is used.
         """
         from .formats import load_for_inference
@@ -67,6 +68,10 @@ class Model:
         tokenizer = loaded.tokenizer
         if tokenizer is None:
             tokenizer = load_tokenizer(find_tokenizer(model_path, tokenizer_path), loaded.config.vocab_size)
+        if loaded.config.arch == "gpt2":  # prompts start with <|endoftext|>, as in llm.c
+            from .tokenizers.gpt2 import gpt2_conventions
+
+            tokenizer = gpt2_conventions(tokenizer)
         return cls(Engine(loaded.config, loaded.weights, parallel), tokenizer, model_path)
 
     @property

@@ -2,8 +2,9 @@
 go beside a converted model, and fp32 -> int8/int4 quantization of a .bin.
 
   readers   torch ckpt.pt (formats/ckpt)  llama2.c .bin v0/v1 (formats/llama2c)  HF folder (formats/hf)
-            Meta folder (formats/meta)  GGUF (formats/gguf, every type dequantized)
+            Meta folder (formats/meta)  GGUF (formats/gguf, every type dequantized)  llm.c .bin (formats/llmc)
   writers   llama2.c .bin v0-v3   HF folder   torch ckpt.pt (weights only)   GGUF F32/F16/Q8_0 (with the tokenizer)
+            llm.c .bin v3 (GPT-2 only; gpt2_tokenizer.bin beside it)
 
 Every reader returns (ModelConfig, Weights) and every writer takes them, so any input converts to
 any output; a hyperparameter the output format cannot hold is refused, never dropped (v0 holds
@@ -25,7 +26,7 @@ from .formats.llama2c import (
 )
 from .quant import BITS_VERSION
 
-TARGETS = ("bin", "hf", "pt", "gguf")
+TARGETS = ("bin", "hf", "pt", "gguf", "llmc")
 
 
 def export_bin(path, cfg: ModelConfig, weights: Weights, version: int = 0, inputs=()) -> Path:
@@ -63,6 +64,8 @@ def convert(src, dst, to: str = "bin", version: int = 0, tokenizer=None, seq_len
         raise OutputError(f"{dst}: the model would be overwritten by the tokenizer.bin written beside it; "
                           "name the model otherwise")
     cfg, weights = load_model(src, seq_len)
+    if cfg.arch == "gpt2" or to == "llmc":
+        return _convert_gpt2(src, dst, to, cfg, weights, tokenizer)
     vocab = read_vocabulary(tokenizer, cfg.vocab_size) if tokenizer is not None else None
     inputs = [src] + ([tokenizer] if tokenizer is not None else [])
     if to == "hf":
@@ -81,6 +84,73 @@ def convert(src, dst, to: str = "bin", version: int = 0, tokenizer=None, seq_len
     return dst
 
 
+def _own_gpt2_tokenizer(src, vocab_size: int):
+    """The tokenizer an HF GPT-2 folder holds or an llm.c model has beside it, else None."""
+    from .errors import BabyLlamaError
+    from .formats import detect_format, llmc_tokenizer_beside
+    from .tokenizers.hf import load_folder_tokenizer
+
+    kind = detect_format(src)
+    try:
+        if kind == "hf":
+            return load_folder_tokenizer(src, vocab_size)
+        if kind == "llmc":
+            return llmc_tokenizer_beside(src, vocab_size)
+    except BabyLlamaError:
+        return None
+    return None
+
+
+def _convert_gpt2(src, dst, to: str, cfg: ModelConfig, weights, tokenizer) -> Path:
+    """A GPT-2 model to an llm.c .bin (+ gpt2_tokenizer.bin beside it), an HF folder (+ tokenizer.json)
+    or a ckpt.pt. The tokenizer: `tokenizer` (tokenizer.json, vocab.json, gpt2_tokenizer.bin or a
+    folder), else the input's own when the target can hold it. All is checked before writing."""
+    from .formats.llmc import check_llmc_can_hold, write_llmc, write_llmc_tokenizer
+    from .tokenizers import load_tokenizer
+    from .tokenizers.gpt2 import gpt2_conventions, llmc_pieces
+
+    dst = Path(dst)
+    if to == "llmc":
+        check_llmc_can_hold(cfg)
+    elif to not in ("hf", "pt"):
+        raise CheckpointError(f"a GPT-2 model exports to llmc, hf or pt; found --to {to} (a llama2.c .bin and GGUF "
+                              "hold Llama models)")
+    if to == "pt" and tokenizer is not None:
+        raise TokenizerError("--to pt writes weights only; pass the GPT-2 tokenizer to --to llmc or --to hf")
+    inputs = [src] + ([tokenizer] if tokenizer is not None else [])
+    tok = None
+    if tokenizer is not None:
+        tok = gpt2_conventions(load_tokenizer(tokenizer, cfg.vocab_size))
+    elif to != "pt":
+        tok = _own_gpt2_tokenizer(src, cfg.vocab_size)
+        if to == "hf" and not hasattr(tok, "_tk"):
+            tok = None  # gpt2_tokenizer.bin alone cannot make an HF tokenizer: the folder gets none
+    if to == "llmc":
+        pieces = llmc_pieces(tok) if tok is not None else None
+        if pieces is not None and dst.name == "gpt2_tokenizer.bin":
+            raise OutputError(f"{dst}: the model would be overwritten by the gpt2_tokenizer.bin written beside it")
+        write_llmc(dst, cfg, weights, inputs)
+        if pieces is not None:
+            out = dst.parent / "gpt2_tokenizer.bin"
+            if tok.path is None or not same_file(tok.path, out):
+                write_llmc_tokenizer(out, *pieces, inputs=inputs)
+        return dst
+    if to == "hf":
+        from .formats.hf_gpt2 import export_hf_gpt2, write_gpt2_tokenizer
+
+        if tokenizer is not None and not hasattr(tok, "_tk"):
+            raise TokenizerError(f"{tokenizer}: an HF GPT-2 folder needs a BPE tokenizer (tokenizer.json or vocab.json "
+                                 "+ merges.txt); llm.c's gpt2_tokenizer.bin has no merges")
+        export_hf_gpt2(dst, cfg, weights, inputs, eot=tok.bos_id if tok is not None else None)
+        if tok is not None and not (tok.path is not None and same_file(Path(tok.path).parent, dst)):
+            write_gpt2_tokenizer(dst, tok, cfg.seq_len, inputs)
+        return dst
+    from .formats.ckpt import save_weights
+
+    save_weights(dst, cfg, weights, inputs)
+    return dst
+
+
 def _convert_gguf(src, dst, tokenizer, seq_len, gguf_type: str) -> Path:
     from .formats import detect_format
     from .formats.gguf import OUT_TYPES, export_gguf
@@ -90,6 +160,8 @@ def _convert_gguf(src, dst, tokenizer, seq_len, gguf_type: str) -> Path:
     if gguf_type not in OUT_TYPES:
         raise CheckpointError(f"--gguf-type {gguf_type!r}: expected one of {', '.join(OUT_TYPES)}")
     cfg, weights = load_model(src, seq_len)
+    if cfg.arch != "llama":
+        raise CheckpointError(f"GGUF export writes Llama models; this one is {cfg.arch!r} (--to llmc or --to hf)")
     if tokenizer is None and detect_format(src) in ("hf", "gguf"):
         tokenizer = src
     if tokenizer is None:
@@ -161,6 +233,8 @@ def quantize_file(src, dst, bits: int = 8, group_size: int | None = None) -> int
         raise CheckpointError(f"bits must be one of {', '.join(map(str, BITS_VERSION))}, got {bits!r}")
     from .formats import detect_format, load_for_inference
 
+    if detect_format(src) == "llmc":
+        raise CheckpointError(f"{src}: is an llm.c GPT-2 model; the GPT-2 engine runs fp32 weights only (no int8/int4)")
     if detect_format(src) in ("hf", "gguf"):  # quantized layer by layer at load; GGUF Q8_0 / Q4_0 repacked as they are
         if group_size is None:
             loaded = load_for_inference(src, bits, own_tokenizer=False)

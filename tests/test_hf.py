@@ -276,7 +276,7 @@ def _edit_config(folder, **changes):
     ({"num_hidden_layers": 1 << 40}, ["num_hidden_layers: expected a positive integer up to"]),
     ({"num_hidden_layers": (1 << 31) - 1}, ["the config's 2147483647 layers need 19327352826 tensors, the file holds 21"]),
     ({"max_position_embeddings": 10 ** 12}, ["max_position_embeddings: expected a positive integer up to 16777216"]),
-    ({"model_type": "gpt2"}, ["model_type: expected one of 'llama', 'mistral'", "'gpt2'"]),
+    ({"model_type": "qwen2"}, ["model_type: expected one of 'llama', 'mistral'", "'qwen2'"]),  # (gpt2: hf_gpt2.py)
     ({"architectures": ["Qwen2ForCausalLM"]}, ["architectures: expected LlamaForCausalLM", "Qwen2ForCausalLM"]),
     ({"attention_bias": True}, ["attention_bias: expected False"]),
     ({"model_type": "mistral", "sliding_window": 16}, ["sliding_window: expected null or at least", "found 16"]),

@@ -115,7 +115,17 @@ def bench_one(model_path: Path, label: str, args) -> dict:
         from ..tokenizers import load_tokenizer
 
         own = args.tokenizer or model_path  # an HF folder's or GGUF file's own tokenizer
-        tok = load_tokenizer(find_tokenizer(model_path, args.tokenizer) if ck.kind == "bin" else own, ck.config.vocab_size)
+        if ck.kind == "llmc" and not args.tokenizer:
+            from ..formats import llmc_tokenizer_beside
+
+            tok = llmc_tokenizer_beside(model_path, ck.config.vocab_size)
+        else:
+            tok = load_tokenizer(find_tokenizer(model_path, args.tokenizer) if ck.kind == "bin" else own,
+                                 ck.config.vocab_size)
+        if ck.config.arch == "gpt2":
+            from ..tokenizers.gpt2 import gpt2_conventions
+
+            tok = gpt2_conventions(tok)
         ppl, n = perplexity(Model(engine, tok, model_path), Path(args.ppl).read_text(encoding="utf-8"), args.ppl_tokens)
         row.update(ppl=round(ppl, 4), ppl_tokens=n)
     return row

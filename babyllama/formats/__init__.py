@@ -1,6 +1,7 @@
 """Model file formats, one module per family: llama2c (.bin v0-v3 and tokenizer.bin), ckpt (the
-trainer's ckpt.pt), hf (Hugging Face folders), meta (Meta's consolidated.*.pth), gguf (llama.cpp's
-GGUF); assemble turns a foreign file's tensors into engine weights.
+trainer's ckpt.pt), hf (Hugging Face folders; hf_gpt2 for GPT2LMHeadModel), meta (Meta's
+consolidated.*.pth), gguf (llama.cpp's GGUF), llmc (llm.c's GPT-2 gpt2_124M.bin and
+gpt2_tokenizer.bin); assemble turns a foreign file's tensors into engine weights.
 
 Each reader returns (ModelConfig, weights) with llama2.c's tensor names and RoPE layout
 (arch/llama.py); each writer takes them. `detect_format` and `load_model` route any input for
@@ -15,11 +16,11 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 
-FORMATS = ("bin", "torch", "hf", "meta", "gguf")
+FORMATS = ("bin", "torch", "hf", "meta", "gguf", "llmc")
 
 
 def detect_format(path) -> str:
-    """'torch', 'bin', 'hf', 'meta' or 'gguf', from the folder's marker file or the file's first bytes."""
+    """'torch', 'bin', 'hf', 'meta', 'gguf' or 'llmc', from the folder's marker file or the file's first bytes."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such model file or folder")
@@ -43,12 +44,19 @@ def detect_format(path) -> str:
         return "torch"
     if head == b"GGUF":
         return "gguf"
+    from .llmc import _is_model, _is_tokenizer
+
+    if _is_model(head):  # llm.c's magic 20240326 (a v0 .bin would need dim 20240326)
+        return "llmc"
+    if _is_tokenizer(head):
+        raise CheckpointError(f"{p}: is llm.c's tokenizer file (gpt2_tokenizer.bin), expected a model; pass it as "
+                              "the tokenizer (-z)")
     return "bin"
 
 
 def load_model(path, seq_len: int | None = None):
     """(ModelConfig, fp32 Weights) of any supported model (torch .pt, fp32 .bin, HF folder, Meta
-    folder, GGUF: every type dequantized). seq_len fills in the context length Meta's params.json
+    folder, GGUF: every type dequantized, llm.c .bin). seq_len fills in the context length Meta's params.json
     does not carry."""
     kind = detect_format(path)
     if kind == "torch":
@@ -67,6 +75,10 @@ def load_model(path, seq_len: int | None = None):
         from .gguf import load_gguf_fp32
 
         return load_gguf_fp32(path)
+    if kind == "llmc":
+        from .llmc import load_llmc
+
+        return load_llmc(path)
     from .meta import load_meta
 
     return load_meta(path, seq_len)
@@ -91,11 +103,13 @@ def note_to_stderr(text: str) -> None:
 
 
 def load_for_inference(path, quantize: int | None = None, own_tokenizer: bool = True, note=note_to_stderr) -> Loaded:
-    """Load a llama2.c .bin (v0-v3), a Hugging Face folder or a GGUF file for the engine.
+    """Load a llama2.c .bin (v0-v3), a Hugging Face folder, a GGUF file or an llm.c GPT-2 .bin for
+    the engine (GPT-2 models run in fp32 only: quantize is refused for them).
 
     quantize 8 or 4 quantizes float weights at load (int8 / int4, group size as `babyllama
     quantize` picks it; a GGUF Q8_0 / Q4_0 file of those bits is repacked, not requantized).
-    own_tokenizer: also load the tokenizer an HF folder or GGUF file carries. `note(text)` hears
+    own_tokenizer: also load the tokenizer an HF folder or GGUF file carries, or for an llm.c model
+    the one beside it (llmc_tokenizer_beside). `note(text)` hears
     one line per conversion a file needs (dequantized or requantized tensors).
     """
     from ..quant import BITS_VERSION
@@ -124,6 +138,10 @@ def load_for_inference(path, quantize: int | None = None, own_tokenizer: bool = 
             from ..tokenizers.hf import load_folder_tokenizer
 
             tokenizer = load_folder_tokenizer(path, cfg.vocab_size)
+            if cfg.arch == "gpt2":
+                from ..tokenizers.gpt2 import gpt2_conventions
+
+                tokenizer = gpt2_conventions(tokenizer)
     elif kind == "gguf":
         from .gguf import load_gguf
 
@@ -133,10 +151,35 @@ def load_for_inference(path, quantize: int | None = None, own_tokenizer: bool = 
             from ..tokenizers.gguf import gguf_tokenizer
 
             tokenizer = gguf_tokenizer(metadata, cfg.vocab_size, path)
+    elif kind == "llmc":
+        from .llmc import load_llmc
+
+        if quantize is not None:
+            raise CheckpointError(f"{path}: --quantize: the GPT-2 engine runs fp32 weights only, found --quantize "
+                                  f"{quantize}")
+        cfg, weights = load_llmc(path)
+        desc = "llm.c fp32"
+        if own_tokenizer:
+            tokenizer = llmc_tokenizer_beside(path, cfg.vocab_size)
     else:
         raise CheckpointError(f"{path}: is a {'Meta folder' if kind == 'meta' else 'torch checkpoint'}; the engine "
                               "runs .bin, Hugging Face and GGUF models: convert it with `babyllama export` first")
     return Loaded(path, kind, cfg, weights, tokenizer, desc)
+
+
+def llmc_tokenizer_beside(path, vocab_size: int):
+    """The tokenizer in an llm.c model's folder: tokenizer.json or vocab.json + merges.txt (they
+    encode), else gpt2_tokenizer.bin (llm.c's own: decode only); TokenizerError when none is there."""
+    from ..errors import TokenizerError
+    from ..tokenizers import load_tokenizer
+    from ..tokenizers.gpt2 import gpt2_conventions
+
+    folder = Path(path).resolve().parent
+    for name in ("tokenizer.json", "vocab.json", "gpt2_tokenizer.bin"):
+        if (folder / name).is_file() and (name != "vocab.json" or (folder / "merges.txt").is_file()):
+            return gpt2_conventions(load_tokenizer(folder / name, vocab_size))
+    raise TokenizerError(f"{path}: no tokenizer given and none beside the model (expected gpt2_tokenizer.bin, "
+                         f"tokenizer.json or vocab.json + merges.txt in {folder}); pass -z TOKENIZER")
 
 
 def _quantized(cfg, weights, bits: int, desc: str):

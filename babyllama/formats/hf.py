@@ -1,4 +1,5 @@
-"""Hugging Face model folders (transformers' LlamaForCausalLM and MistralForCausalLM): config.json
+"""Hugging Face model folders (transformers' LlamaForCausalLM and MistralForCausalLM; GPT2LMHeadModel
+through hf_gpt2.py, picked by model_type or the config's arch): config.json
 + safetensors (one file or a sharded index), read for the engine and for conversion, and written;
 and the tokenizer files `AutoTokenizer.from_pretrained` reads, written (reading them is
 tokenizers/hf.py's).
@@ -125,8 +126,8 @@ def model_config(folder: Path, c: dict) -> ModelConfig:
     """The ModelConfig of a parsed config.json; what babyllama cannot run is refused naming the key."""
     where = Path(folder) / "config.json"
     if c.get("model_type") not in MODEL_TYPES:
-        raise CheckpointError(f"{where}: model_type: expected one of {', '.join(map(repr, MODEL_TYPES))} (the "
-                              f"Llama architecture), found {c.get('model_type')!r}")
+        raise CheckpointError(f"{where}: model_type: expected one of {', '.join(map(repr, MODEL_TYPES + ('gpt2',)))} "
+                              f"(the Llama architecture, or GPT-2), found {c.get('model_type')!r}")
     archs = c.get("architectures") or []
     if not isinstance(archs, list) or any(a not in ARCHITECTURES for a in archs):
         raise CheckpointError(f"{where}: architectures: expected {' or '.join(ARCHITECTURES)}, found {archs!r}")
@@ -246,7 +247,15 @@ def load_hf_model(folder, quantize: int | None = None, note=None):
     classifier mapped when stored as F32; per-layer tensors stacked once, wq/wk rows put in the
     interleaved RoPE order), or with quantize=8|4 QuantWeights quantized one layer at a time."""
     folder = Path(folder)
-    cfg = model_config(folder, read_json(folder, "config.json", "a Hugging Face model folder"))
+    c = read_json(folder, "config.json", "a Hugging Face model folder")
+    if c.get("model_type") == "gpt2":  # GPT2LMHeadModel: hf_gpt2.py
+        from .hf_gpt2 import load_hf_gpt2
+
+        if quantize is not None:
+            raise CheckpointError(f"{folder}: --quantize: the GPT-2 engine runs fp32 weights only, found --quantize "
+                                  f"{quantize}")
+        return load_hf_gpt2(folder, c)
+    cfg = model_config(folder, c)
     tensors = hf_tensors(folder, cfg)
     return cfg, build(cfg, tensors, hf_transforms(cfg, to_hf=False), quantize, note)
 
@@ -257,6 +266,10 @@ def export_hf(out_dir, cfg: ModelConfig, weights: Weights, inputs=()) -> Path:
     out_dir may exist (its model files are replaced) or be created, one level; it must not be
     one of `inputs`.
     """
+    if cfg.arch == "gpt2":
+        from .hf_gpt2 import export_hf_gpt2
+
+        return export_hf_gpt2(out_dir, cfg, weights, inputs)
     safetensors = _safetensors()
     out_dir = make_folder(out_dir, inputs)
     tensors = spread(cfg, weights, HF_NAMES, hf_transforms(cfg, to_hf=True))

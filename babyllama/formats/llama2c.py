@@ -270,7 +270,7 @@ def _check_v0_can_hold(cfg: ModelConfig) -> None:
 def _check_llama(cfg: ModelConfig) -> None:
     if cfg.arch != "llama":  # the tensors of a .bin are the Llama block's
         raise CheckpointError(f"a llama2.c .bin holds a Llama model; this one is {cfg.arch!r} "
-                              "(keep it as a torch checkpoint: --to pt)")
+                              "(export it with --to llmc, --to hf or --to pt)")
 
 
 def _write_f32(f, arr: np.ndarray) -> None:

@@ -1,6 +1,7 @@
 """Vocabularies behind one interface (base.Tokenizer): tokenizer.bin (llama2c.py), Hugging Face
 tokenizer.json (hf.py), sentencepiece .model (spm.py), a GGUF file's embedded vocabulary
-(gguf.py); chat templates (chat.py). `load_tokenizer` picks the implementation from the file."""
+(gguf.py), GPT-2's vocab.json + merges.txt and llm.c's gpt2_tokenizer.bin (gpt2.py); chat
+templates (chat.py). `load_tokenizer` picks the implementation from the file."""
 
 from __future__ import annotations
 
@@ -12,9 +13,15 @@ from .llama2c import Llama2cTokenizer
 
 def load_tokenizer(path, vocab_size: int) -> Tokenizer:
     """The tokenizer in `path`, for a model of `vocab_size` tokens: an HF model folder or its
-    tokenizer.json, a sentencepiece .model, a GGUF file's vocabulary, else a tokenizer.bin (which
-    must hold exactly vocab_size tokens)."""
+    tokenizer.json, GPT-2's vocab.json (merges.txt beside it), a sentencepiece .model, a GGUF
+    file's vocabulary, llm.c's gpt2_tokenizer.bin, else a tokenizer.bin (which must hold exactly
+    vocab_size tokens)."""
     path = Path(path)
+    if path.name == "vocab.json" or (path.suffix == ".json" and (path.parent / "merges.txt").is_file()
+                                     and path.name != "tokenizer.json"):
+        from .gpt2 import load_bpe
+
+        return load_bpe(path, vocab_size)
     if path.is_dir():
         from .hf import load_folder_tokenizer
 
@@ -40,6 +47,12 @@ def load_tokenizer(path, vocab_size: int) -> Tokenizer:
         if tok is None:
             raise TokenizerError(f"{path}: the GGUF file holds no vocabulary (no tokenizer.ggml.model)")
         return tok
+    from ..formats.llmc import magic_of
+
+    if magic_of(path) == "tokenizer":
+        from .gpt2 import LlmcTokenizer
+
+        return LlmcTokenizer.load(path, vocab_size)
     return Llama2cTokenizer.load(path, vocab_size)
 
 

@@ -277,13 +277,18 @@ def _read_text(path: Path) -> str:
 
 
 def load_folder_tokenizer(folder, vocab_size: int) -> Tokenizer:
-    """The tokenizer of an HF model folder: tokenizer.json, else tokenizer.model (spm.py), each
-    with the folder's special tokens and chat template."""
+    """The tokenizer of an HF model folder: tokenizer.json, else GPT-2's vocab.json + merges.txt
+    (tokenizers/gpt2.py), else tokenizer.model (spm.py), each with the folder's special tokens
+    and chat template."""
+    from .gpt2 import load_bpe
+
     folder = Path(folder)
     settings = folder_settings(folder)
     if (folder / "tokenizer.json").is_file():
         return HFTokenizer.from_json(_read_text(folder / "tokenizer.json"), vocab_size, settings,
                                      folder / "tokenizer.json")
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return load_bpe(folder / "vocab.json", vocab_size, settings)
     if (folder / "tokenizer.model").is_file():
         from .spm import SentencePieceTokenizer
 
@@ -292,7 +297,8 @@ def load_folder_tokenizer(folder, vocab_size: int) -> Tokenizer:
         from .llama2c import Llama2cTokenizer
 
         return Llama2cTokenizer.load(folder / "tokenizer.bin", vocab_size)
-    raise TokenizerError(f"{folder}: expected tokenizer.json or tokenizer.model in the model folder, found neither; "
+    raise TokenizerError(f"{folder}: expected tokenizer.json, vocab.json + merges.txt or tokenizer.model in the model "
+                         "folder, found none; "
                          "pass -z TOKENIZER")
 
 

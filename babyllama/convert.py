@@ -113,8 +113,8 @@ def _convert_gpt2(src, dst, to: str, cfg: ModelConfig, weights, tokenizer) -> Pa
     if to == "llmc":
         check_llmc_can_hold(cfg)
     elif to not in ("hf", "pt"):
-        raise CheckpointError(f"a GPT-2 model exports to llmc, hf or pt; found --to {to} (a llama2.c .bin and GGUF "
-                              "hold Llama models)")
+        raise CheckpointError(f"a GPT-2 model (arch 'gpt2') exports to llmc, hf or pt; found --to {to} (a llama2.c "
+                              ".bin and GGUF hold Llama models)")
     if to == "pt" and tokenizer is not None:
         raise TokenizerError("--to pt writes weights only; pass the GPT-2 tokenizer to --to llmc or --to hf")
     inputs = [src] + ([tokenizer] if tokenizer is not None else [])

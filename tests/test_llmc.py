@@ -206,7 +206,7 @@ def test_routing_and_refusals(model_dir, tiny_model, capsys):
     assert cli_main(["export", str(tiny_model), str(model_dir / "l.bin"), "--to", "llmc"]) == 1
     one_line(capsys, "llm.c's files hold GPT-2 models; this one is 'llama'")
     assert cli_main(["export", str(model_dir / "gpt2.bin"), str(model_dir / "g.bin")]) == 1
-    one_line(capsys, "a GPT-2 model exports to llmc, hf or pt")
+    one_line(capsys, "a GPT-2 model (arch 'gpt2') exports to llmc, hf or pt; found --to bin")
     (model_dir / "gpt2_tokenizer.bin").unlink()
     with pytest.raises(TokenizerError, match="expected gpt2_tokenizer.bin, tokenizer.json or vocab.json"):
         load_for_inference(model_dir / "gpt2.bin")

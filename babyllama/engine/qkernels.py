@@ -88,9 +88,42 @@ CHUNK = 16  # rows per call in the threaded loops: the call costs nanoseconds, a
 @njit(**JIT)
 def qrows_range(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, gs, bits):
     """out[t, i] for rows i0 <= i < i1 of matrix l of kind w = (data, offsets, scales). One compiled
-    copy of the row kernel (qrows.qrow, with every group size's VNNI step) serves every matmul:
-    inlined into each threaded and serial loop it was a dozen copies and a minute of first-ever
-    compile."""
+    copy of the row kernels serves every matmul: inlined into each threaded and serial loop they
+    were a dozen copies and a minute of first-ever compile.
+
+    The group size and width reach _rows as constants: Numba compiles one copy per literal pair,
+    in which the step choice and the groups-per-step stride fold away. With them as runtime values
+    (the forward reads them from Params) the same rows ran 16x slower (stories260K int8: 29 vs
+    1.8 us for w1/w3 of one layer)."""
+    if bits == 8:
+        if gs == 64:
+            _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 64, 8)
+        elif gs == 32:
+            _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 32, 8)
+        elif gs == 16:
+            _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 16, 8)
+        elif gs == 8:
+            _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 8, 8)
+        elif gs == 4:
+            _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 4, 8)
+        else:
+            _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, gs, 8)
+    elif gs == 64:
+        _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 64, 4)
+    elif gs == 32:
+        _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 32, 4)
+    elif gs == 16:
+        _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 16, 4)
+    elif gs == 8:
+        _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 8, 4)
+    elif gs == 4:
+        _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 4, 4)
+    else:
+        _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, gs, 4)
+
+
+@njit(**JIT)
+def _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, gs, bits):
     rows = out.shape[1]
     wbytes = n if bits == 8 else n // 2
     data, base, scales = w[0], w[1][l], w[2]

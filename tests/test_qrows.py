@@ -1,5 +1,6 @@
-"""The quantized row kernel (engine/qrows.py) against a plain dot product: exact, int8 and int4,
-on every path (VNNI groups of 32 and 64 four at a time, their leftovers, the plain loop)."""
+"""The quantized row kernels (engine/qrows.py, through qkernels.qrows_range as the matmuls call
+them) against a plain dot product: exact, int8 and int4, on every path (VNNI groups of 32 and 64
+four at a time, of 4-16 64 values at a time, their leftovers, the plain loop of other sizes)."""
 
 import os
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from babyllama.engine.qrows import qrow
+from babyllama.engine.qkernels import qrows_range
 from babyllama.quant import quantize
 
 # (group size, row length): the fast paths (64, 32: four groups a step; 16, 8, 4: 64 values a step)
@@ -49,8 +50,9 @@ def _reference_row(values, scales, xq, xs, gs, bits, row):
 
 def _kernel_rows(values, scales, xq, xs, xsum, gs, bits, rows):
     n = xq.shape[0]
-    wbytes = n if bits == 8 else n // 2
-    return [qrow(values, r * wbytes, xq, 0, xs, 0, xsum, scales, r * (n // gs), n, gs, bits) for r in range(rows)]
+    out = np.zeros((1, rows), np.float32)
+    qrows_range(out, 0, (values, np.zeros(1, np.int64), scales), 0, 0, rows, xq, 0, xs, 0, xsum, n, gs, bits)
+    return list(out[0])
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -14,7 +14,7 @@ vectorized loops, RoPE's powf becomes expf. simd/ofast.py has the primitives and
 bit-identical logits to that runq build at every position (checked against the C program on
 llama2.c's and babyllama's v2 files, odd dims, GQA and untied classifiers; see the README).
 
-The matmuls' rows are qrows.qrow (the VNNI kernels, four groups at a time); many token rows at
+The matmuls' rows are qrows' row kernels (VNNI, several groups at a time); many token rows at
 once go through qgemm.py. Nothing here takes a slice (a slice passed to a compiled function is a
 new array object whose reference count is updated around the call): the quantized activations
 are flat 1-D arrays addressed by offsets (xo: where this row's values start, xso: its scales and
@@ -26,7 +26,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..simd.jit import JIT
-from .qrows import qrow
+from .qrows import (qrow_plain, rows_q4_4, rows_q4_8, rows_q4_16, rows_q4_32, rows_q4_64, rows_q8_4, rows_q8_8,
+                    rows_q8_16, rows_q8_32, rows_q8_64)
 
 
 _INV_127 = np.float32(0.007874015718698502)  # 1/127 in float32, what gcc makes of "/ 127.0f"
@@ -87,49 +88,39 @@ CHUNK = 16  # rows per call in the threaded loops: the call costs nanoseconds, a
 
 @njit(**JIT)
 def qrows_range(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, gs, bits):
-    """out[t, i] for rows i0 <= i < i1 of matrix l of kind w = (data, offsets, scales). One compiled
-    copy of the row kernels serves every matmul: inlined into each threaded and serial loop they
-    were a dozen copies and a minute of first-ever compile.
-
-    The group size and width reach _rows as constants: Numba compiles one copy per literal pair,
-    in which the step choice and the groups-per-step stride fold away. With them as runtime values
-    (the forward reads them from Params) the same rows ran 16x slower (stories260K int8: 29 vs
-    1.8 us for w1/w3 of one layer)."""
+    """out[t, i] for rows i0 <= i < i1 of matrix l of kind w = (data, offsets, scales). Group sizes
+    4-64 take qrows' compiled loop for their (group size, width) pair, in which both are constants
+    (with them as the runtime values the forward passes, small rows ran 15-20x slower); other
+    group sizes the general row kernel. Not inlined: one copy serves every matmul (inlined into
+    each threaded and serial loop it was a dozen copies and a minute of first-ever compile)."""
     if bits == 8:
         if gs == 64:
-            _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 64, 8)
-        elif gs == 32:
-            _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 32, 8)
-        elif gs == 16:
-            _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 16, 8)
-        elif gs == 8:
-            _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 8, 8)
-        elif gs == 4:
-            _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 4, 8)
-        else:
-            _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, gs, 8)
-    elif gs == 64:
-        _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 64, 4)
-    elif gs == 32:
-        _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 32, 4)
-    elif gs == 16:
-        _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 16, 4)
-    elif gs == 8:
-        _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 8, 4)
-    elif gs == 4:
-        _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, 4, 4)
+            return rows_q8_64(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n)
+        if gs == 32:
+            return rows_q8_32(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n)
+        if gs == 16:
+            return rows_q8_16(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n)
+        if gs == 8:
+            return rows_q8_8(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n)
+        if gs == 4:
+            return rows_q8_4(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n)
     else:
-        _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, gs, 4)
-
-
-@njit(**JIT)
-def _rows(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n, gs, bits):
+        if gs == 64:
+            return rows_q4_64(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n)
+        if gs == 32:
+            return rows_q4_32(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n)
+        if gs == 16:
+            return rows_q4_16(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n)
+        if gs == 8:
+            return rows_q4_8(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n)
+        if gs == 4:
+            return rows_q4_4(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n)
     rows = out.shape[1]
     wbytes = n if bits == 8 else n // 2
     data, base, scales = w[0], w[1][l], w[2]
     so = l * rows * (n // gs)
     for i in range(i0, i1):
-        out[t, i] = qrow(data, base + i * wbytes, xq, xo, xs, xso, xsum, scales, so + i * (n // gs), n, gs, bits)
+        out[t, i] = qrow_plain(data, base + i * wbytes, xq, xo, xs, xso, scales, so + i * (n // gs), n, gs, bits)
 
 
 @njit(parallel=True, **JIT)

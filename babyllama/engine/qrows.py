@@ -161,32 +161,6 @@ def _groups_step(gs: int, bits: int):
 
 
 _STEPS = {(gs, bits): _groups_step(gs, bits) for gs in (4, 8, 16, 32, 64) for bits in (8, 4)}
-(_Q8_4, _Q8_8, _Q8_16, _Q8_32, _Q8_64, _Q4_4, _Q4_8, _Q4_16, _Q4_32, _Q4_64) = (
-    _STEPS[gs, bits] for bits in (8, 4) for gs in (4, 8, 16, 32, 64))
-
-
-@njit(inline="always", **JIT)
-def _step(val, data, wb, xq, xb, scales, sb, xs, xsb, xsum, gs, bits):
-    """The intrinsic for this group size and width (a literal choice LLVM folds per call site)."""
-    if bits == 8:
-        if gs == 64:
-            return _Q8_64(val, data, wb, xq, xb, scales, sb, xs, xsb, xsum)
-        if gs == 32:
-            return _Q8_32(val, data, wb, xq, xb, scales, sb, xs, xsb, xsum)
-        if gs == 16:
-            return _Q8_16(val, data, wb, xq, xb, scales, sb, xs, xsb, xsum)
-        if gs == 8:
-            return _Q8_8(val, data, wb, xq, xb, scales, sb, xs, xsb, xsum)
-        return _Q8_4(val, data, wb, xq, xb, scales, sb, xs, xsb, xsum)
-    if gs == 64:
-        return _Q4_64(val, data, wb, xq, xb, scales, sb, xs, xsb, xsum)
-    if gs == 32:
-        return _Q4_32(val, data, wb, xq, xb, scales, sb, xs, xsb, xsum)
-    if gs == 16:
-        return _Q4_16(val, data, wb, xq, xb, scales, sb, xs, xsb, xsum)
-    if gs == 8:
-        return _Q4_8(val, data, wb, xq, xb, scales, sb, xs, xsb, xsum)
-    return _Q4_4(val, data, wb, xq, xb, scales, sb, xs, xsb, xsum)
 
 
 @njit(inline="always", **JIT)
@@ -208,23 +182,57 @@ def _group(data, wo, xq, xo, gs, bits):
 
 
 @njit(inline="always", **JIT)
-def qrow(data, base, xq, xo, xs, xso, xsum, scales, so, n, gs, bits):
-    """One output of a quantized matmul: the row's bytes start at data[base] (n values), its scales
-    at scales[so]; the activations' values at xq[xo], scales at xs[xso], group sums at xsum[xso].
-    Adds each group's float32(exact int32 sum) * scales in group order, as runq does."""
-    ng = n // gs
+def qrow_plain(data, base, xq, xo, xs, xso, scales, so, n, gs, bits):
+    """One output for any other group size: every group by the plain loop, the same arithmetic.
+    The row's bytes start at data[base] (n values), its scales at scales[so]; the activations'
+    values at xq[xo], scales at xs[xso]."""
     wbytes = gs if bits == 8 else gs // 2
     val = np.float32(0.0)
-    done = 0
-    if gs == 4 or gs == 8 or gs == 16 or gs == 32 or gs == 64:  # VNNI, several groups a step
-        per = 4 if gs >= 32 else 64 // gs
-        for g in range(0, ng - per + 1, per):
-            val = _step(val, data, base + g * wbytes, xq, xo + g * gs, scales, so + g, xs, xso + g, xsum, gs, bits)
-        done = ng // per * per
-    for g in range(done, ng):  # other group sizes, and the groups left over
+    for g in range(n // gs):
         isum = _group(data, base + g * wbytes, xq, xo + g * gs, gs, bits)
         if bits == 8:
             val += np.float32(isum) * (scales[so + g] * xs[xso + g])
         else:
             val += np.float32(isum) * scales[so + g] * xs[xso + g]
     return val
+
+
+def _rows_kernel(gs: int, bits: int):
+    """out[t, i] for rows i0 <= i < i1 of matrix l of kind w = (data, offsets, scales): each row's
+    groups in order, `per` at a time by the VNNI step, the rest by the plain loop, adding each
+    group's float32(exact int32 sum) * scales in group order, as runq does. For one group size
+    and width fixed here: gs, bits and every stride derived from them are constants of
+    the compiled code, and the loop holds only this pair's intrinsic. (The same rows with gs and
+    bits as runtime values, as the forward passes them, ran 15-20x slower on small rows: measured
+    29 vs 1.8 us for one stories260K-sized w1/w3 pair.)"""
+    step = _STEPS[gs, bits]
+    per = 4 if gs >= 32 else 64 // gs  # groups per step
+    wbytes_group = gs if bits == 8 else gs // 2
+
+    @njit(inline="always", **JIT)
+    def rows_kernel(out, t, w, l, i0, i1, xq, xo, xs, xso, xsum, n):
+        data, base, scales = w[0], w[1][l], w[2]
+        ng = n // gs
+        done = ng // per * per
+        rows = out.shape[1]
+        so = l * rows * ng
+        wbytes = ng * wbytes_group
+        for i in range(i0, i1):
+            rb, rs = base + i * wbytes, so + i * ng
+            val = np.float32(0.0)
+            for g in range(0, done, per):
+                val = step(val, data, rb + g * wbytes_group, xq, xo + g * gs, scales, rs + g, xs, xso + g, xsum)
+            for g in range(done, ng):  # the groups left over
+                isum = _group(data, rb + g * wbytes_group, xq, xo + g * gs, gs, bits)
+                if bits == 8:
+                    val += np.float32(isum) * (scales[rs + g] * xs[xso + g])
+                else:
+                    val += np.float32(isum) * scales[rs + g] * xs[xso + g]
+            out[t, i] = val
+
+    return rows_kernel
+
+
+ROWS = {key: _rows_kernel(*key) for key in _STEPS}
+(rows_q8_4, rows_q8_8, rows_q8_16, rows_q8_32, rows_q8_64, rows_q4_4, rows_q4_8, rows_q4_16, rows_q4_32, rows_q4_64) = (
+    ROWS[gs, bits] for bits in (8, 4) for gs in (4, 8, 16, 32, 64))

@@ -120,13 +120,21 @@ def main() -> int:
     p.add_argument("--prefill", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--keep", type=Path, help="write the GGUF files into this folder and reuse them on later runs "
+                   "(default: a temp folder, converted every run)")
     args = p.parse_args()
     from babyllama.formats.llama2c import load_checkpoint
 
     ctx = load_checkpoint(args.model).config.seq_len
     with tempfile.TemporaryDirectory() as tmp:
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         for qtype in args.types.split(","):
-            path = to_gguf(args.model, Path(tmp) / f"m_{qtype}.gguf", qtype)
+            path = folder / f"{args.model.stem}_{qtype}.gguf"
+            if not (args.keep and path.is_file()):
+                partial = path.with_suffix(".partial")
+                to_gguf(args.model, partial, qtype)
+                partial.rename(path)  # a later run never reuses a half-written file
             row = {"model": args.model.name, "type": qtype, **bench(path, min(args.decode, ctx), min(args.prefill, ctx),
                                                                     args.repeats, args.threads, ctx)}
             print(json.dumps(row), flush=True)

@@ -257,3 +257,17 @@ def test_quantize_refuses_quantized_input_and_bad_group_size(tmp_path):
     out = _cli("quantize", shared_file("stories260K.bin"), tmp_path / "x.bin", "--bits", 4, "--group-size", 64)
     assert out.returncode == 1 and "group size 64 must divide both dim (64) and hidden_dim (172)" in out.stderr
     assert not (tmp_path / "x.bin").exists()
+
+
+def test_quantize_says_when_it_will_not_pay(tmp_path):
+    """A model whose fp32 weights stay in the CPU caches decodes slower quantized (#9.11): the
+    command says so; one that streams from memory gets no note."""
+    from babyllama.cli.quantize import CACHE_RESIDENT_BYTES, wont_pay
+    from babyllama.testing import SHAPES
+
+    small = ModelConfig(dim=64, hidden_dim=192, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=128, seq_len=32)
+    write_checkpoint(tmp_path / "m.bin", small, Weights.from_dict(small, random_weights(small)), version=0)
+    out = _cli("quantize", tmp_path / "m.bin", tmp_path / "q.bin")
+    assert out.returncode == 0, out.stderr
+    assert "note: this model's fp32 weights (0.4 MB) fit in the CPU caches" in out.stderr
+    assert 4 * SHAPES["15M"].n_params > CACHE_RESIDENT_BYTES and wont_pay(SHAPES["15M"]) is None

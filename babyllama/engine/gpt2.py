@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit
 
 from ..simd.jit import JIT, entry
-from .kernels import attention_rows, gemm, matmul, store_kv
+from .kernels import attention_rows, gemm, matmul, residual, store_kv
 from .state import PAGE, Scratch
 
 GPT2Weights = namedtuple("GPT2Weights", "token_embedding position_embedding ln_att ln_att_bias wqkv bqkv wo bo "
@@ -71,13 +71,6 @@ def _linear(out, w, l, x, T, p):
         gemm(out, w, l, x, T, p.parallel)
 
 
-@njit(**JIT)
-def _residual(x, dx, T):
-    for t in range(T):
-        for i in range(x.shape[1]):
-            x[t, i] += dx[t, i]
-
-
 @entry
 def forward(tokens, positions, slots, T, logit_rows, logits, weights, cache, scratch, params):
     """llama.forward's contract, for GPT-2 weights (GPT2Weights' fields; wcls (1, vocab, dim)).
@@ -106,7 +99,7 @@ def forward(tokens, positions, slots, T, logit_rows, logits, weights, cache, scr
                        p.n_heads, p.parallel)  # (dim,)
         _linear(s.xb2, w.wo, l, s.att_out, T, p)
         add_bias(s.xb2, T, w.bo, l)
-        _residual(s.x, s.xb2, T)
+        residual(s.x, s.xb2, T)
 
         # MLP: x -> LayerNorm -> c_fc -> GELU -> c_proj -> residual
         for t in range(T):
@@ -116,7 +109,7 @@ def forward(tokens, positions, slots, T, logit_rows, logits, weights, cache, scr
         gelu(s.hb, T)
         _linear(s.xb2, w.w2, l, s.hb, T, p)  # (dim,)
         add_bias(s.xb2, T, w.b2, l)
-        _residual(s.x, s.xb2, T)
+        residual(s.x, s.xb2, T)
 
     R = logit_rows.shape[0]
     for j in range(R):

@@ -432,3 +432,11 @@ def rope_table(seq_len, head_size, ln_theta, scaling):
             cos[pos, i] = np.cos(val)
             sin[pos, i] = np.sin(val)
     return cos, sin
+
+
+@njit(**JIT)
+def residual(x, dx, T):
+    """x[t] += dx[t] for rows t < T: the residual connection, in both architectures' forwards."""
+    for t in range(T):
+        for i in range(x.shape[1]):
+            x[t, i] += dx[t, i]

@@ -19,7 +19,8 @@ from numba import njit, types
 from numba.extending import overload
 
 from ..simd.jit import JIT, entry
-from .kernels import attention_rows, gemm, gemm2, gemm3, matmul, matmul2, matmul3, rmsnorm, rope, silu_mul, store_kv
+from .kernels import (attention_rows, gemm, gemm2, gemm3, matmul, matmul2, matmul3, residual, rmsnorm, rope, silu_mul,
+                      store_kv)
 from .qgemm import qgemm, transpose_block
 from .qkernels import dequantize_row, qmatmul, qmatmul2, qmatmul3, quantize_activations
 from .state import PAGE, Scratch
@@ -171,13 +172,6 @@ def _linear3(q, k, v, wq, wk, wv, l, x, T, a, p):
 # ------------------------------------------------------------------------------------------------
 
 
-@njit(**JIT)
-def _residual(x, dx, T):
-    for t in range(T):
-        for i in range(x.shape[1]):
-            x[t, i] += dx[t, i]
-
-
 @entry
 def forward(tokens, positions, slots, T, logit_rows, logits, weights, cache, scratch, params):
     """Run T token rows through the model, filling the KV cache; write the logits of logit_rows.
@@ -216,7 +210,7 @@ def forward(tokens, positions, slots, T, logit_rows, logits, weights, cache, scr
                        p.n_heads, p.parallel)  # (q_dim,)
         prepare(w.wo, s.att_out, T, ax, p)
         linear(s.xb2, w.wo, l, s.att_out, T, ax, p)  # (dim,)
-        _residual(s.x, s.xb2, T)
+        residual(s.x, s.xb2, T)
 
         # feed-forward: x -> rmsnorm -> SwiGLU -> w2 -> residual
         for t in range(T):
@@ -227,7 +221,7 @@ def forward(tokens, positions, slots, T, logit_rows, logits, weights, cache, scr
             silu_mul(s.hb, s.hb2, t)  # (hidden,)
         prepare(w.w2, s.hb, T, ah, p)
         linear(s.xb2, w.w2, l, s.hb, T, ah, p)  # (dim,)
-        _residual(s.x, s.xb2, T)
+        residual(s.x, s.xb2, T)
 
     # classifier, for the rows that want logits (rows only move down: j <= logit_rows[j])
     R = logit_rows.shape[0]

@@ -177,7 +177,7 @@ class Engine:
             s = run_slots[bad]
             raise GenerationError(f"slot {s}: rows must continue its {state.lengths[s]} cached positions in order, "
                                   f"found positions {positions[starts[bad]]}..{positions[ends[bad]]}")
-        short = (positions[ends] + PAGE) // PAGE > state.owned[run_slots]
+        short = state.pages_for(positions[ends] + 1) > state.owned[run_slots]  # (elementwise on arrays too)
         if np.any(short):
             i = int(np.argmax(short))
             raise GenerationError(f"slot {run_slots[i]}: positions up to {positions[ends[i]]} have no pages reserved")

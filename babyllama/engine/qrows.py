@@ -223,12 +223,18 @@ def qrow_plain(data, base, xq, xo, xs, xso, scales, so, n, gs, bits):
     wbytes = gs if bits == 8 else gs // 2
     val = np.float32(0.0)
     for g in range(n // gs):
-        isum = _group(data, base + g * wbytes, xq, xo + g * gs, gs, bits)
-        if bits == 8:
-            val += np.float32(isum) * (scales[so + g] * xs[xso + g])
-        else:
-            val += np.float32(isum) * scales[so + g] * xs[xso + g]
+        val = _add_group(val, data, base + g * wbytes, xq, xo + g * gs, scales, so + g, xs, xso + g, gs, bits)
     return val
+
+
+@njit(inline="always", **JIT)
+def _add_group(val, data, wo, xq, xo, scales, s, xs, xsi, gs, bits):
+    """val + one group's product by the plain loop, in runq's roundings: float32(int32 sum) *
+    (w_scale * x_scale) for int8, (float32(sum) * w_scale) * x_scale for int4."""
+    isum = _group(data, wo, xq, xo, gs, bits)
+    if bits == 8:
+        return val + np.float32(isum) * (scales[s] * xs[xsi])
+    return val + np.float32(isum) * scales[s] * xs[xsi]
 
 
 def _rows_kernel(gs: int, bits: int):
@@ -260,11 +266,8 @@ def _rows_kernel(gs: int, bits: int):
                 if one is not None:
                     val = one(val, data, rb + g * wbytes_group, xq, xo + g * gs, scales, rs + g, xs, xso + g, xsum)
                 else:
-                    isum = _group(data, rb + g * wbytes_group, xq, xo + g * gs, gs, bits)
-                    if bits == 8:
-                        val += np.float32(isum) * (scales[rs + g] * xs[xso + g])
-                    else:
-                        val += np.float32(isum) * scales[rs + g] * xs[xso + g]
+                    val = _add_group(val, data, rb + g * wbytes_group, xq, xo + g * gs, scales, rs + g, xs, xso + g,
+                                     gs, bits)
             out[t, i] = val
 
     return rows_kernel

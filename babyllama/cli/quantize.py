@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # Below this many bytes of fp32 weights a model stays in the CPU caches, where decode is not
 # bound by memory and the quantized kernels' extra work (quantizing every activation vector,
-# scales per group) costs more than the bytes they save. Measured on a 2-core Xeon (README,
+# scales per group) costs more than the bytes they save. Measured on a 2-core AMD EPYC (README,
 # Benchmarks): stories260K (1 MB) int8 16,000 tok/s against fp32's 28,400; the 15M shape (61 MB)
 # int8 1.5x fp32.
 CACHE_RESIDENT_BYTES = 8 << 20
